@@ -1,0 +1,136 @@
+"""Default configuration: every field, with what it means.
+
+Experiment configs import this file and override what they change. Any field
+can be overridden on the command line, e.g. `--config.training.batch_size=64`.
+Images live in [-1, 1]; `operator.sigma_y` is stated on that scale (DESIGN 2).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Which objective trains the diffusion prior (DESIGN 2.6):
+  #   "clean": DSM on clean images (oracle upper bound);
+  #   "naive": DSM on A⁺y, the corrupted images (lower bound).
+  # FlowDiff's joint training ("flowdiff") arrives with the FlowDiff issue.
+  config.method = "naive"
+  # Root seed: model init and every training draw (t, ε, dropout) derive from it.
+  config.seed = 0
+
+  # --- Data -------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  # tfds name: "fashion_mnist", "mnist", "cifar10" or "celeb_a".
+  data.dataset = "cifar10"
+  # tfds data directory; None means tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  data.data_dir = ml_collections.config_dict.placeholder(str)
+  # Directory of the Fashion-MNIST idx files (Debian package dataset-fashion-mnist).
+  # Used before any download is attempted; set to "" to skip.
+  data.fmnist_idx_dir = "/usr/share/datasets/fashion-mnist"
+  # Side of the square images fed to the models (celeb_a: centre crop, then resize).
+  # 0 means the dataset's native size (28 for (fashion_)mnist, 32 for cifar10, 64 for celeb_a).
+  data.image_size = 0
+  # Use only the first N training examples (0: all). The corruptions stay those of
+  # the full set: they depend on an example's index, not on N.
+  data.max_train_examples = 0
+  # Number of held-out test images used by periodic evaluation.
+  data.num_eval_examples = 256
+  # Seed of the fixed per-example corruption (noise draw, mask): DESIGN 2.5.
+  data.corruption_seed = 0
+  # Seed of the shuffling order of the training set.
+  data.shuffle_seed = 0
+  # grain worker processes (0: read in the main process; fine for in-memory data).
+  data.worker_count = 0
+
+  # --- Forward operator A_ω and measurement noise ---------------------------
+  config.operator = op = ml_collections.ConfigDict()
+  # "denoise" (A = I), "blur" (Gaussian, circular boundary),
+  # "inpaint_random" (each pixel dropped w.p. drop_prob), "inpaint_box" (one square missing).
+  op.name = "denoise"
+  # Measurement-noise std on the [-1, 1] image scale (0.2 here is 0.1 on [0, 1]).
+  op.sigma_y = 0.2
+  # Gaussian blur: odd kernel side in pixels and kernel std in pixels.
+  op.kernel_size = 9
+  op.kernel_std = 2.0
+  # Tikhonov weight of the blur pseudo-inverse A⁺ = (AᵀA + reg I)⁻¹Aᵀ.
+  op.pinv_reg = 1e-3
+  # Random inpainting: probability that a pixel is dropped.
+  op.drop_prob = 0.6
+  # Box inpainting: side of the missing square in pixels.
+  op.box_size = 8
+
+  # --- Diffusion process (DESIGN 2.2) -----------------------------------------
+  config.diffusion = diff = ml_collections.ConfigDict()
+  # VP schedule in log-SNR form: "linear" (DDPM betas) or "cosine".
+  diff.kind = "linear"
+  # Linear schedule: the discrete DDPM betas beta_min…beta_max over num_timesteps.
+  diff.beta_min = 1e-4
+  diff.beta_max = 0.02
+  # T of the matching discrete DDPM; also scales the U-Net's time embedding.
+  diff.num_timesteps = 1000
+  # Cosine schedule offset s (Nichol & Dhariwal).
+  diff.cosine_s = 0.008
+  # Smallest diffusion time used in training and sampling (keeps log-SNR finite).
+  diff.t_min = 1e-3
+
+  # --- Score network: DDPM U-Net (ε-prediction) -------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  # Channels at the first level; level i has base_channels * channel_mult[i].
+  model.base_channels = 128
+  # One entry per resolution; len - 1 downsamplings, so image_size must divide by 2**(len-1).
+  model.channel_mult = (1, 2, 2, 2)
+  # Residual blocks per resolution level.
+  model.num_res_blocks = 2
+  # Spatial sizes (in pixels) at which self-attention is used.
+  model.attn_resolutions = (16,)
+  # Dropout rate inside residual blocks.
+  model.dropout = 0.1
+  # GroupNorm groups (must divide every level's channel count).
+  model.num_groups = 32
+
+  # --- Optimiser of the score network -----------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  # Peak learning rate (AdamW), reached after warmup_steps of linear warm-up.
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 1000
+  # Adam moments and epsilon.
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  # Decoupled weight decay (AdamW); 0 disables it.
+  optim.weight_decay = 0.0
+  # Clip gradients to this global norm; 0 disables clipping.
+  optim.grad_clip_norm = 1.0
+  # Decay of the exponential moving average of the score params used for sampling.
+  optim.ema_decay = 0.999
+
+  # --- Training loop --------------------------------------------------------
+  config.training = training = ml_collections.ConfigDict()
+  # Global batch size over all devices and hosts (must divide by the device count).
+  training.batch_size = 128
+  # Total number of optimisation steps.
+  training.num_train_steps = 800_000
+  # Write training metrics every N steps.
+  training.log_every_steps = 100
+  # Evaluate (held-out DSM loss) every N steps; 0 disables.
+  training.eval_every_steps = 5_000
+  # Write a PNG grid of prior samples every N steps (and at the end); 0 disables.
+  training.sample_every_steps = 10_000
+  # Save a checkpoint every N steps (and at the end).
+  training.checkpoint_every_steps = 5_000
+  # Number of checkpoints kept in the workdir.
+  training.keep_checkpoints = 3
+
+  # --- Sampling and evaluation ---------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  # Sampler of the diffusion prior: "ancestral", "ddim" or "heun".
+  ev.sampler = "ddim"
+  # Number of sampler steps.
+  ev.sample_steps = 100
+  # Number of samples in the periodic PNG grid (a square number reads best).
+  ev.num_samples = 64
+  # Batch size of the held-out evaluation.
+  ev.batch_size = 256
+
+  return config

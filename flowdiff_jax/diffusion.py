@@ -1,0 +1,273 @@
+"""Variance-preserving diffusion in continuous time, written in log-SNR form.
+
+Time t runs over [0, 1] (0 = data, 1 = noise). A schedule is a strictly
+decreasing log signal-to-noise ratio lambda(t) = log(alpha_t^2 / sigma_t^2),
+and the VP constraint alpha_t^2 + sigma_t^2 = 1 gives
+
+    alpha_t^2 = sigmoid(lambda(t)),   sigma_t^2 = sigmoid(-lambda(t)).
+
+Everything here is a pure function of arrays; networks enter only through an
+``eps_fn(x_t, t) -> eps_hat`` closure (x_t [B, H, W, C], t [B] in [0, 1]).
+Images are on the [-1, 1] scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+SCHEDULE_KINDS = ("linear", "cosine")
+SAMPLERS = ("ancestral", "ddim", "heun")
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSchedule:
+  """Variance-preserving schedule: alpha_t^2 = sigmoid(lambda(t)), sigma_t^2 = sigmoid(-lambda(t)), t in [0,1].
+
+  Frozen and hashable, so it can be a static argument of `jax.jit`.
+
+  * ``linear``: the continuous limit of DDPM's linear betas
+    (beta_min ... beta_max over ``num_timesteps`` steps), i.e. score_sde's
+    VPSDE with beta(t) = T*beta_min + t*T*(beta_max - beta_min):
+    alpha_t^2 = exp(-B(t)), B(t) = int_0^t beta, so lambda(t) = -log(expm1(B(t))).
+  * ``cosine``: Nichol & Dhariwal's alpha_bar(t) = f(t)/f(0),
+    f(t) = cos^2((t + s)/(1 + s) * pi/2). Their discrete schedule ends at
+    alpha_bar = 0 (lambda = -inf, which they avoid by clipping betas); here t
+    is mapped onto [0, 1 - 1/T] of that curve so lambda(1) stays finite
+    (about -12.9 for T = 1000, the discrete schedule's last unclipped step).
+  """
+
+  kind: str = "linear"  # "linear" | "cosine"
+  beta_min: float = 1e-4  # DDPM per-step beta at step 1 (linear kind)
+  beta_max: float = 0.02  # DDPM per-step beta at step T (linear kind)
+  num_timesteps: int = 1000  # T of the matching discrete DDPM; also time-embedding scale
+  cosine_s: float = 0.008  # Nichol & Dhariwal offset (cosine kind)
+  t_min: float = 1e-3  # smallest t used in training and sampling (lambda(0) = +inf)
+
+  def __post_init__(self):
+    if self.kind not in SCHEDULE_KINDS:
+      raise ValueError(
+          f"VPSchedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+    if not 0.0 < self.t_min < 1.0:
+      raise ValueError(f"VPSchedule.t_min must lie in (0, 1), got {self.t_min}")
+    if self.num_timesteps < 2:
+      raise ValueError(
+          f"VPSchedule.num_timesteps must be >= 2, got {self.num_timesteps}")
+    if self.kind == "linear" and not 0.0 < self.beta_min < self.beta_max < 1.0:
+      raise ValueError("VPSchedule needs 0 < beta_min < beta_max < 1, got "
+                       f"beta_min={self.beta_min}, beta_max={self.beta_max}")
+    if self.kind == "cosine" and self.cosine_s <= 0.0:
+      raise ValueError(f"VPSchedule.cosine_s must be > 0, got {self.cosine_s}")
+
+  # -- linear kind: beta(t) and its integral B(t), in units of 1/t. --
+  def _beta0_beta1(self):
+    t_steps = float(self.num_timesteps)
+    return t_steps * self.beta_min, t_steps * self.beta_max
+
+  # -- cosine kind: lambda is a function of an angle theta(t) decreasing from
+  # theta0 = pi/2 / (1+s) at t = 0; writing cos((t+s)/(1+s) pi/2) as
+  # sin(theta) keeps full precision where alpha_t -> 0. --
+  def _cosine_angles(self, t):
+    s = self.cosine_s
+    stretch = 1.0 - 1.0 / self.num_timesteps  # keeps lambda(1) finite
+    theta0 = 0.5 * math.pi / (1.0 + s)
+    theta = theta0 * (1.0 - t * stretch)
+    dtheta_dt = -theta0 * stretch
+    return theta0, theta, dtheta_dt
+
+  def log_snr(self, t) -> jax.Array:
+    """lambda(t) = log(alpha_t^2 / sigma_t^2) (nats), strictly decreasing; t any shape."""
+    t = jnp.asarray(t, jnp.float32)
+    if self.kind == "linear":
+      b0, b1 = self._beta0_beta1()
+      big_b = b0 * t + 0.5 * (b1 - b0) * t**2
+      # sigma^2/alpha^2 = e^B - 1; expm1 keeps accuracy for small t.
+      return -jnp.log(jnp.expm1(big_b))
+    theta0, theta, _ = self._cosine_angles(t)
+    # alpha_bar = sin^2(theta)/sin^2(theta0); 1 - alpha_bar uses
+    # sin^2 a - sin^2 b = sin(a-b) sin(a+b), exact near t = 0.
+    return (2.0 * jnp.log(jnp.sin(theta)) - jnp.log(jnp.sin(theta0 - theta)) -
+            jnp.log(jnp.sin(theta0 + theta)))
+
+  def alpha_sigma(self, t) -> tuple[jax.Array, jax.Array]:
+    """(alpha_t, sigma_t), each the shape of t; via sigmoid(+-lambda) so neither end overflows."""
+    lam = self.log_snr(t)
+    return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+  def dlog_snr_dt(self, t) -> jax.Array:
+    """lambda'(t) (< 0), analytic, same shape as t."""
+    t = jnp.asarray(t, jnp.float32)
+    if self.kind == "linear":
+      b0, b1 = self._beta0_beta1()
+      beta = b0 + (b1 - b0) * t
+      big_b = b0 * t + 0.5 * (b1 - b0) * t**2
+      # d/dt[-log(e^B - 1)] = -beta e^B / (e^B - 1) = -beta / (1 - e^-B).
+      return -beta / (-jnp.expm1(-big_b))
+    theta0, theta, dtheta_dt = self._cosine_angles(t)
+    cot = lambda a: jnp.cos(a) / jnp.sin(a)
+    dlam_dtheta = 2.0 * cot(theta) + cot(theta0 - theta) - cot(theta0 + theta)
+    return dlam_dtheta * dtheta_dt
+
+
+def make_schedule(cfg: Any) -> VPSchedule:
+  """Builds a VPSchedule from a ConfigDict (or dict) with the field names of VPSchedule."""
+  d = VPSchedule()
+  get = cfg.get
+  return VPSchedule(
+      kind=str(get("kind", d.kind)),
+      beta_min=float(get("beta_min", d.beta_min)),
+      beta_max=float(get("beta_max", d.beta_max)),
+      num_timesteps=int(get("num_timesteps", d.num_timesteps)),
+      cosine_s=float(get("cosine_s", d.cosine_s)),
+      t_min=float(get("t_min", d.t_min)),
+  )
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Per-example values [B] -> [B, 1, ..., 1] to broadcast against x."""
+  return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def q_sample(schedule: VPSchedule, x: jax.Array, t: jax.Array,
+             eps: jax.Array) -> jax.Array:
+  """Draws x_t ~ q(x_t | x) = N(alpha_t x, sigma_t^2 I).
+
+  Args:
+    schedule: the VP schedule.
+    x: clean images [B, H, W, C] in [-1, 1].
+    t: times [B] in [0, 1].
+    eps: standard normal noise, same shape as x.
+  Returns:
+    x_t = alpha_t x + sigma_t eps, shape of x.
+  """
+  alpha, sigma = schedule.alpha_sigma(t)
+  return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+
+
+def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array,
+             rng: jax.Array) -> jax.Array:
+  """Denoising score matching (epsilon form), one Monte-Carlo draw per example.
+
+  Args:
+    eps_fn: (x_t [B,H,W,C], t [B]) -> eps_hat [B,H,W,C].
+    schedule: the VP schedule.
+    x: clean images [B, H, W, C] (callers stop gradients if they must).
+    rng: PRNG key; t ~ U(t_min, 1) and eps ~ N(0, I) are drawn per example.
+  Returns:
+    [B] loss per example: mean over pixels of (eps_hat - eps)^2 (per dimension).
+  """
+  t_rng, eps_rng = jax.random.split(rng)
+  batch = x.shape[0]
+  t = jax.random.uniform(t_rng, (batch,), jnp.float32,
+                         minval=schedule.t_min, maxval=1.0)
+  eps = jax.random.normal(eps_rng, x.shape, x.dtype)
+  x_t = q_sample(schedule, x, t, eps)
+  err = (eps_fn(x_t, t) - eps).astype(jnp.float32)
+  return jnp.mean(jnp.square(err), axis=tuple(range(1, x.ndim)))
+
+
+def _predict_x0(x, eps_hat, alpha, sigma, clip):
+  x0 = (x - sigma * eps_hat) / alpha
+  return jnp.clip(x0, -1.0, 1.0) if clip else x0
+
+
+def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
+           shape: tuple[int, ...], *, sampler: str = "ddim",
+           num_steps: int = 100, clip: bool = True) -> jax.Array:
+  """Draws x0 ~ p_theta by integrating the reverse process from t = 1 to t_min.
+
+  The time grid is uniform in t, num_steps steps from 1 to schedule.t_min;
+  a final denoising step x0 = (x - sigma eps_hat)/alpha at t_min follows
+  (what every sampler gives for the step t_min -> 0), so the cost is
+  num_steps + 1 evaluations of eps_fn (2 num_steps + 1 for "heun").
+
+  Args:
+    eps_fn: (x_t [B,...], t [B]) -> eps_hat [B,...]. To jit, wrap the call in a
+      function of the params so they are traced rather than baked in, e.g.
+      ``jax.jit(lambda p, k: sample(lambda x, t: net.apply(p, x, t,
+      train=False), schedule, k, shape))``; shape, sampler, num_steps and
+      clip must be static.
+    schedule: the VP schedule (static).
+    rng: PRNG key for x_1 ~ N(0, I) and the ancestral noise.
+    shape: output shape, e.g. (B, H, W, C) (static).
+    sampler: "ancestral" (DDPM ancestral steps with q(x_s | x_t, x0_hat)),
+      "ddim" (eta = 0, deterministic), or "heun" (probability-flow ODE,
+      second order; deterministic).
+    num_steps: number of steps on the grid (static).
+    clip: clip x0_hat to [-1, 1] inside "ancestral"/"ddim" steps and the
+      final output to [-1, 1].
+  Returns:
+    Samples, ``shape``, float32, on the [-1, 1] image scale.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  batch = shape[0]
+  init_rng, step_rng = jax.random.split(rng)
+  # alpha_1 is tiny (~7e-3 for the linear kind), so N(0, I) is the prior.
+  x = jax.random.normal(init_rng, shape, jnp.float32)
+  ts = jnp.linspace(1.0, schedule.t_min, num_steps + 1, dtype=jnp.float32)
+
+  def coeffs(t):
+    lam = schedule.log_snr(t)
+    alpha, sigma = schedule.alpha_sigma(t)
+    return lam, alpha, sigma
+
+  def eps_at(x, t):
+    return eps_fn(x, jnp.full((batch,), t, jnp.float32)).astype(jnp.float32)
+
+  def ancestral_step(x, t, s, key):
+    lam_t, alpha_t, sigma_t = coeffs(t)
+    lam_s, alpha_s, sigma_s = coeffs(s)
+    x0 = _predict_x0(x, eps_at(x, t), alpha_t, sigma_t, clip)
+    # c = 1 - SNR_t/SNR_s = sigma_{t|s}^2 / sigma_t^2, via expm1 for small steps.
+    c = -jnp.expm1(lam_t - lam_s)
+    mean = alpha_s * ((1.0 - c) * x / alpha_t + c * x0)
+    std = jnp.sqrt(c) * sigma_s
+    return mean + std * jax.random.normal(key, shape, jnp.float32)
+
+  def ddim_step(x, t, s, key):
+    del key
+    _, alpha_t, sigma_t = coeffs(t)
+    _, alpha_s, sigma_s = coeffs(s)
+    eps_hat = eps_at(x, t)
+    x0 = _predict_x0(x, eps_hat, alpha_t, sigma_t, clip)
+    if clip:  # keep eps consistent with the clipped x0 (exact when unclipped)
+      eps_hat = (x - alpha_t * x0) / sigma_t
+    return alpha_s * x0 + sigma_s * eps_hat
+
+  def heun_step(x, t, s, key):
+    # In y = x / alpha and rho = sigma / alpha = exp(-lambda/2) the
+    # probability-flow ODE is dy/drho = eps_hat(alpha y, t): no linear drift,
+    # so an explicit Euler step there is exactly DDIM and Heun corrects it.
+    del key
+    _, alpha_t, sigma_t = coeffs(t)
+    _, alpha_s, sigma_s = coeffs(s)
+    rho_t, rho_s = sigma_t / alpha_t, sigma_s / alpha_s
+    y = x / alpha_t
+    d1 = eps_at(x, t)
+    y_euler = y + (rho_s - rho_t) * d1
+    d2 = eps_at(alpha_s * y_euler, s)
+    return alpha_s * (y + (rho_s - rho_t) * 0.5 * (d1 + d2))
+
+  step_fn = {"ancestral": ancestral_step, "ddim": ddim_step,
+             "heun": heun_step}[sampler]
+
+  def body(x, inputs):
+    t, s, key = inputs
+    return step_fn(x, t, s, key), None
+
+  keys = jax.random.split(step_rng, num_steps)
+  x, _ = jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))
+
+  # Final denoise at t_min: the t_min -> 0 step of each sampler.
+  _, alpha, sigma = coeffs(ts[-1])
+  x0 = (x - sigma * eps_at(x, ts[-1])) / alpha
+  return jnp.clip(x0, -1.0, 1.0) if clip else x0

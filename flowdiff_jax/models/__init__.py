@@ -1,0 +1,1 @@
+"""Networks: the score U-Net (and, later, the conditional flow)."""

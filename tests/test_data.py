@@ -1,0 +1,180 @@
+"""Data: idx reading, grain pipeline order/epochs/resume, fixed corruptions, offline errors."""
+
+import gzip
+import os
+import time
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from flowdiff_jax import data, operators
+
+
+def _images(n, size=28):
+  """uint8 [n, size, size, 1] whose pixel (0, 0) and (0, 1) encode the index."""
+  images = np.zeros((n, size, size, 1), np.uint8)
+  images[:, 0, 0, 0] = np.arange(n) % 256
+  images[:, 0, 1, 0] = np.arange(n) // 256
+  return images
+
+
+def _decode(batch_images):
+  return batch_images[:, 0, 0, 0].astype(int) + 256 * batch_images[:, 0, 1, 0].astype(int)
+
+
+def _config(n_train=None, batch=8, op="denoise"):
+  config = tiny.get_config()
+  config.training.batch_size = batch
+  config.operator.name = op
+  if n_train:
+    config.data.max_train_examples = n_train
+  return config
+
+
+def test_read_idx_round_trip(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 7, 6), dtype=np.uint8)
+  header = np.array([2051, 5, 7, 6], dtype=">u4").tobytes()
+  path = str(tmp_path / "x-idx3-ubyte.gz")
+  with gzip.open(path, "wb") as f:
+    f.write(header + images.tobytes())
+  np.testing.assert_array_equal(data.read_idx_images(path), images[..., None])
+  bad = str(tmp_path / "bad.gz")
+  with gzip.open(bad, "wb") as f:
+    f.write(np.array([2049, 5, 7, 6], dtype=">u4").tobytes())
+  with pytest.raises(ValueError, match="not an idx3 image file"):
+    data.read_idx_images(bad)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_is_used_offline():
+  config = tiny.get_config()
+  train, test = data.make_source(config, "train"), data.make_source(config, "test")
+  assert (len(train), len(test)) == (60_000, 10_000)
+  assert train[0]["image"].shape == (28, 28, 1) and train[0]["image"].dtype == np.uint8
+  assert 0 < train[0]["image"].mean() < 255
+
+
+def test_epochs_cover_every_example_once_and_reshuffle():
+  n, batch = 32, 8
+  config = _config(batch=batch)
+  it = iter(data.train_dataset(config, data.ArraySource(_images(n))))
+  epochs = [np.concatenate([next(it)["index"] for _ in range(n // batch)]) for _ in range(2)]
+  for order in epochs:
+    assert sorted(order.tolist()) == list(range(n))
+  assert not np.array_equal(epochs[0], epochs[1]), "each epoch must have its own order"
+
+
+def test_index_names_its_image_and_limit_applies():
+  config = _config(n_train=20, batch=4)
+  it = iter(data.train_dataset(config, data.ArraySource(_images(300))))
+  seen = set()
+  for _ in range(10):
+    b = next(it)
+    np.testing.assert_array_equal(_decode(b["image"]), b["index"])
+    seen.update(b["index"].tolist())
+  assert seen == set(range(20))
+
+
+def test_corruption_is_fixed_across_epochs_and_batches():
+  """DESIGN 2.5: an example's noise and mask depend only on its index and the seed."""
+  n, batch = 16, 4
+  config = _config(batch=batch, op="inpaint_random")
+  op = operators.make_operator(config.operator)
+  prepare = jax.jit(lambda raw: data.prepare_batch(raw, op, 7, keep_clean=True))
+  it = iter(data.train_dataset(config, data.ArraySource(_images(n))))
+  by_epoch = []
+  for _ in range(2):
+    seen = {}
+    for _ in range(n // batch):
+      out = jax.device_get(prepare(next(it)))
+      for i, idx in enumerate(out["index"]):
+        seen[int(idx)] = (out["y"][i], out["omega"]["mask"][i])
+    by_epoch.append(seen)
+  for idx in range(n):
+    np.testing.assert_array_equal(by_epoch[0][idx][0], by_epoch[1][idx][0])
+    np.testing.assert_array_equal(by_epoch[0][idx][1], by_epoch[1][idx][1])
+  # ... and differ between examples (a real draw, not a constant).
+  assert not np.array_equal(by_epoch[0][0][1], by_epoch[0][1][1])
+
+
+def test_prepare_keeps_clean_images_only_when_asked():
+  op = operators.make_operator(tiny.get_config().operator)
+  raw = {"image": _images(4), "index": np.arange(4, dtype=np.int32)}
+  hidden = data.prepare_batch(raw, op, 0, keep_clean=False)
+  assert "x" not in hidden and set(hidden) == {"y", "omega", "index"}
+  shown = data.prepare_batch(raw, op, 0, keep_clean=True)
+  np.testing.assert_allclose(shown["x"], raw["image"] / 127.5 - 1.0, atol=1e-6)
+  noise = np.asarray(shown["y"] - shown["x"])
+  assert 0.1 < noise.std() < 0.3  # sigma_y = 0.2 on the [-1, 1] scale
+
+
+def test_iterator_state_resumes_the_same_batches():
+  config = _config(batch=4)
+  source = data.ArraySource(_images(40))
+  it = iter(data.train_dataset(config, source))
+  for _ in range(13):  # into the second epoch
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["index"] for _ in range(5)]
+  resumed = iter(data.train_dataset(config, source))
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["index"], want)
+
+
+def test_eval_batches_are_whole_and_fixed():
+  config = _config()
+  config.data.num_eval_examples = 20
+  config.eval.batch_size = 8
+  batches = data.eval_batches(config, data.ArraySource(_images(50)))
+  assert [len(b["index"]) for b in batches] == [8, 8]
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(16))
+
+
+def test_resize_centre_crops_and_resizes():
+  config = _config()
+  config.data.dataset = "celeb_a"
+  config.data.image_size = 16
+  images = np.zeros((2, 40, 30, 3), np.uint8)
+  images[:, 5:35] = 200  # the centre 30x30 square is bright, the rest dark
+  ds = data._indexed(data.ArraySource(images), config)
+  out = ds[1]["image"]
+  assert out.shape == (16, 16, 3) and out.min() == 200
+
+
+def test_download_probe_fails_fast_on_unreachable_host():
+  start = time.time()
+  assert not data._download_reachable("http://127.0.0.1:9/never-there", timeout_s=2)
+  assert time.time() - start < 5
+
+
+def test_missing_dataset_error_names_dataset_place_and_remedy(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: False)
+  config = tiny.get_config()
+  config.data.dataset = "cifar10"
+  config.data.data_dir = str(tmp_path)
+  start = time.time()
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    data.make_source(config, "train")
+  assert time.time() - start < 30
+  message = str(err.value)
+  assert "'cifar10'" in message and str(tmp_path) in message
+  assert "tfds build cifar10" in message and "--config.data.data_dir" in message
+
+
+def test_tfds_mock_data_source(monkeypatch):
+  """With a reachable host, tfds' data_source is used (mock_data stands in for the download)."""
+  import tensorflow_datasets as tfds
+
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: True)
+  config = tiny.get_config()
+  config.data.dataset = "cifar10"
+  with tfds.testing.mock_data(num_examples=12):
+    source = data.make_source(config, "train")
+    assert len(source) == 12
+    example = source[3]["image"]
+  assert example.shape == (32, 32, 3) and example.dtype == np.uint8

@@ -1,0 +1,146 @@
+"""End to end: the training program runs clean/naive, resumes bit for bit, fails fast offline."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import tiny
+from flowdiff_jax import data, train, train_step as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def mock_fashion_mnist(monkeypatch):
+  """tfds mock data in place of Fashion-MNIST (deterministic per index), no network."""
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: True)
+  with tfds.testing.mock_data(num_examples=64):
+    yield
+
+
+def _tiny(method="naive", steps=4):
+  config = tiny.get_config()
+  config.method = method
+  config.data.fmnist_idx_dir = ""  # use the (mocked) tfds source
+  config.training.num_train_steps = steps
+  return config
+
+
+def _leaves(state):
+  return jax.tree.leaves(jax.device_get((state.params, state.ema_params, state.opt_state)))
+
+
+@pytest.mark.parametrize("method", ["clean", "naive"])
+def test_method_runs_end_to_end(method, tmp_path, mock_fashion_mnist):
+  state = train.train_and_evaluate(_tiny(method), str(tmp_path))
+  assert int(state.step) == 4
+  assert all(np.isfinite(x).all() for x in _leaves(state))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert os.path.exists(tmp_path / "samples" / "step_0000004.png")
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, mock_fashion_mnist):
+  config = _tiny("naive", steps=4)
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+
+  # Second run: "killed" on the host at step 3, after the step-2 checkpoint.
+  make_step = ts.make_train_step
+
+  def dying_make_train_step(mesh):
+    step_fn = make_step(mesh)
+
+    def step(state, batch, rng):
+      if int(state.step) == 2:
+        raise KeyboardInterrupt("simulated kill")
+      return step_fn(state, batch, rng)
+    return step
+
+  monkeypatch.setattr(ts, "make_train_step", dying_make_train_step)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.setattr(ts, "make_train_step", make_step)
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+
+  assert int(resumed.step) == 4
+  for a, b in zip(_leaves(uninterrupted), _leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cifar_noise_config_trains_on_mock_cifar(tmp_path, monkeypatch):
+  """configs/cifar_noise.py as the users run it, with the model and batch shrunk for a CPU."""
+  from configs import cifar_noise
+
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: True)
+  config = cifar_noise.get_config()
+  config.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(16,), num_groups=4)
+  config.training.update(batch_size=8, num_train_steps=2, eval_every_steps=0,
+                         sample_every_steps=0)
+  with tfds.testing.mock_data(num_examples=16):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+
+
+def test_users_cifar_command_fails_fast_offline(tmp_path):
+  """The users' exact command, with no dataset and no network, stops in seconds with the data error."""
+  env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+             HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+             XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  start = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "flowdiff_jax.main", "--config=configs/cifar_noise.py",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  elapsed = time.time() - start
+  assert proc.returncode != 0
+  assert "DatasetUnavailableError: Dataset 'cifar10' is not available" in proc.stderr
+  assert "tfds build cifar10" in proc.stderr
+  assert elapsed < 120, f"took {elapsed:.0f}s"
+
+
+def test_step_on_one_and_four_devices_agree():
+  """Same global batch and key: the sharded step on 4 devices matches 1 device."""
+  config = _tiny("naive")
+  state0 = jax.device_get(ts.create_train_state(config, jax.random.key(0), (28, 28, 1)))
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1, maxval=1)
+  batch = {"y": x, "omega": {}}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = ts.make_mesh(devices)
+    state = jax.device_put(state0, ts.replicated(mesh))  # fresh buffers: the step donates them
+    b = jax.device_put(batch, ts.batch_sharding(mesh))
+    new_state, metrics = ts.make_train_step(mesh)(state, b, jax.random.key(2))
+    results.append(jax.device_get((metrics, new_state.params)))
+  (m1, p1), (m4, p4) = results
+  assert len(jax.devices()) >= 4
+  np.testing.assert_allclose(m1["train/dsm_loss"], m4["train/dsm_loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["train/grad_norm"], m4["train/grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_corrupted_data_methods_never_see_clean_images():
+  mesh = ts.make_mesh(jax.devices()[:1])
+  raw = {"image": np.zeros((8, 28, 28, 1), np.uint8), "index": np.arange(8, dtype=np.int32)}
+  naive = train._make_prepare(_tiny("naive"), mesh, for_eval=False)(raw)
+  assert set(naive) == {"y", "omega"}
+  clean = train._make_prepare(_tiny("clean"), mesh, for_eval=False)(raw)
+  assert set(clean) == {"x"}
+
+
+def test_package_exports_do_not_shadow_modules():
+  import flowdiff_jax
+  from flowdiff_jax import train_step as module
+  from flowdiff_jax.train_step import train_step as fn
+
+  assert hasattr(module, "make_train_step") and callable(fn)
+  assert flowdiff_jax.create_train_state is module.create_train_state
