@@ -97,7 +97,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
     rng: init key.
     image_shape: (H, W, C) of the images.
   """
-  model = unet.unet_from_config(config.model, channels=image_shape[-1])
+  # The time embedding sees t * T, as DDPM's network saw its integer steps.
+  model = unet.unet_from_config(config.model, channels=image_shape[-1]).clone(
+      time_scale=float(config.diffusion.num_timesteps))
   x = jnp.zeros((1, *image_shape), jnp.float32)
   params = {"score": model.init(rng, x, jnp.zeros((1,)), train=False)["params"]}
   # One optimiser per network; the FlowDiff method adds a "flow" entry.
