@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.corruption_seed = 0
   # Seed of the shuffling order of the training set.
   data.shuffle_seed = 0
-  # grain worker processes (0: read in the main process; fine for in-memory data).
-  data.worker_count = 0
+  # grain read threads: records are read, decoded and resized in these, ahead of the step.
+  data.read_threads = 4
 
   # --- Forward operator A_ω and measurement noise ---------------------------
   config.operator = op = ml_collections.ConfigDict()

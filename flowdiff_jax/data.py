@@ -237,7 +237,7 @@ def train_dataset(config: ml_collections.ConfigDict, source=None) -> grain.IterD
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.batch(config.training.batch_size // jax.process_count(), drop_remainder=True)
-  read = grain.ReadOptions(num_threads=max(1, config.data.worker_count), prefetch_buffer_size=4)
+  read = grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=4)
   return ds.to_iter_dataset(read)
 
 

@@ -68,7 +68,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _positive(config, "data.num_eval_examples", integer=True)
   _positive(config, "data.corruption_seed", strict=False, integer=True)
   _positive(config, "data.shuffle_seed", strict=False, integer=True)
-  _positive(config, "data.worker_count", strict=False, integer=True)
+  _positive(config, "data.read_threads", integer=True)
   size = config.data.image_size or NATIVE_IMAGE_SIZE[config.data.dataset]
 
   # Operator.
