@@ -138,6 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
       with report.timed("checkpoint"):
         checkpoint.save(manager, state, train_iter, config)
   manager.wait_until_finished()
+  manager.close()
   writer.flush()
   return state
 
