@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Which objective trains the diffusion prior (DESIGN 2.6):
   #   "clean": DSM on clean images (oracle upper bound);
-  #   "naive": DSM on A⁺y, the corrupted images (lower bound).
+  #   "naive": DSM on A⁺y, the corrupted images (lower bound);
+  #   "amortized": the conditional flow q(x | y) alone, against a fixed prior
+  #     (see `amortized` below).
   # FlowDiff's joint training ("flowdiff") arrives with the FlowDiff issue.
   config.method = "naive"
   # Root seed: model init and every training draw (t, ε, dropout) derive from it.
@@ -104,6 +106,47 @@ def get_config() -> ml_collections.ConfigDict:
   optim.grad_clip_norm = 1.0
   # Decay of the exponential moving average of the score params used for sampling.
   optim.ema_decay = 0.999
+
+  # --- Conditional flow q_φ(x | y, ω): multi-scale conditional Glow ------------
+  config.flow = flow = ml_collections.ConfigDict()
+  # Levels (squeeze, steps, split); image_size must divide by 2**num_levels.
+  flow.num_levels = 2
+  # Flow steps (ActNorm, 1x1 conv, coupling) per level.
+  flow.num_steps = 8
+  # Width of the coupling networks.
+  flow.hidden_channels = 64
+  # Conditioning features per level, computed from [A⁺y, mask].
+  flow.cond_channels = 32
+  # "affine" or "additive" coupling.
+  flow.coupling = "affine"
+  # Model x − A⁺y instead of x (the flow then starts near the pseudo-inverse).
+  flow.residual = True
+
+  # --- Optimiser of the flow (same fields as `optim`) ---------------------------
+  config.flow_optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, grad_clip_norm=1.0))
+
+  # --- Amortized inference against a fixed prior (method "amortized") ----------
+  config.amortized = am = ml_collections.ConfigDict()
+  # "diffusion": the EMA score network of a finished clean/naive run (its NLL
+  # bound is −log p); "gaussian": N(mean, cov) fitted to clean training images,
+  # an oracle prior for checking the flow, not a method.
+  am.prior = "diffusion"
+  # Workdir of the clean/naive run whose newest checkpoint is the prior.
+  am.prior_workdir = ml_collections.config_dict.placeholder(str)
+  # Weights of the loss terms: data fidelity, prior NLL, log q (entropy).
+  am.beta_data = 1.0
+  am.beta_prior = 1.0
+  am.beta_ent = 1.0
+  # Flow samples per observation in the loss.
+  am.num_flow_samples = 1
+  # (t, ε) draws per flow sample in the diffusion NLL bound.
+  am.num_time_samples = 1
+  # Clean training images used to fit the "gaussian" prior.
+  am.gaussian_fit_examples = 10_000
+  # Posterior samples per held-out observation for the posterior mean/std.
+  am.eval_num_samples = 16
 
   # --- Training loop --------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()

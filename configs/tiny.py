@@ -21,7 +21,16 @@ def get_config():
   config.model.dropout = 0.0  # dropout is tested in test_unet; here it only costs compile time
   config.model.num_groups = 4
 
+  config.flow.num_levels = 2
+  config.flow.num_steps = 1
+  config.flow.hidden_channels = 8
+  config.flow.cond_channels = 4
+  config.amortized.prior = "gaussian"
+  config.amortized.gaussian_fit_examples = 32
+  config.amortized.eval_num_samples = 2
+
   config.optim.warmup_steps = 2
+  config.flow_optim.warmup_steps = 2
   config.training.batch_size = 8
   config.training.num_train_steps = 4
   config.training.log_every_steps = 2

@@ -9,6 +9,7 @@ renames it when complete, so `latest_step` only ever sees complete checkpoints.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import grain
 import jax
@@ -62,3 +63,35 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
       state=ocp.args.StandardRestore(template),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
   return state.replace(**restored["state"])
+
+
+def load_prior(workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """The config and EMA score params of the newest checkpoint of a clean/naive run.
+
+  Raises:
+    FileNotFoundError: `workdir` has no checkpoint.
+    ValueError: the run is not a diffusion-prior run.
+  """
+  from flowdiff_jax import data, train_step as ts  # noqa: PLC0415 (avoid an import cycle)
+
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}: train a clean or naive run there first "
+        "(--config.method=clean --workdir=...) and pass that workdir as "
+        "--config.amortized.prior_workdir.")
+  config = ml_collections.ConfigDict(
+      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+  if config.method not in ("clean", "naive"):
+    raise ValueError(f"The run in {workdir} has method {config.method!r}; a prior comes from "
+                     "a 'clean' or 'naive' run.")
+  shape = data.image_shape(config)
+  abstract = jax.eval_shape(lambda: ts.create_train_state(
+      config, jax.random.key(0), {"x": jax.numpy.zeros((1, *shape))}))
+  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(abstract))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(template)))["state"]
+  manager.close()
+  return config, restored["ema_params"]["score"]

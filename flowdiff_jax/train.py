@@ -53,11 +53,51 @@ def evaluate(state: ts.TrainState, eval_step, eval_batches, rng: jax.Array) -> d
                         for i, batch in enumerate(eval_batches)])
 
 
+def posterior_grid(state: ts.TrainState, batch: ts.Batch, rng: jax.Array,
+                   num_shown: int = 3, num_mean: int = 16) -> jax.Array:
+  """Rows of [observation | num_shown samples | mean | std | clean] for the batch, [B*(n+4), H, W, C].
+
+  The std column is rescaled to [-1, 1] over the whole grid so it is visible.
+  """
+  samples = ts.posterior_samples(state, batch, rng, max(num_shown, num_mean))
+  mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+  std = 2.0 * std / jnp.maximum(jnp.max(std), 1e-6) - 1.0
+  columns = [batch["y"], *samples[:num_shown], mean, std, batch["x"]]
+  return jnp.stack(columns, axis=1).reshape((-1,) + batch["x"].shape[1:])
+
+
+def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(prior_params, prior_config) of the "amortized" method; (None, None) otherwise."""
+  if config.method != "amortized":
+    return None, None
+  if config.amortized.prior == "diffusion":
+    prior_config, params = checkpoint.load_prior(config.amortized.prior_workdir)
+    if data.image_shape(prior_config) != data.image_shape(config):
+      raise ValueError(f"The prior in {config.amortized.prior_workdir} models images of shape "
+                       f"{data.image_shape(prior_config)}, this run {data.image_shape(config)}.")
+    logging.info("Prior: EMA score network of %s (%s run).", config.amortized.prior_workdir,
+                 prior_config.method)
+    return jax.device_put(params, ts.replicated(mesh)), prior_config
+  # Oracle Gaussian prior: mean and covariance of clean training images.
+  source = data.make_source(config, "train")
+  n = min(config.amortized.gaussian_fit_examples, len(source))
+  x = np.stack([source[i]["image"] for i in range(n)]).astype(np.float64) / 127.5 - 1.0
+  mean = x.mean(0)
+  flat = x.reshape(n, -1) - mean.reshape(1, -1)
+  # A small ridge keeps the always-black borders of (Fashion-)MNIST well posed.
+  cov = flat.T @ flat / max(n - 1, 1) + 1e-4 * np.eye(flat.shape[1])
+  params = {"mean": mean.astype(np.float32),
+            "scale_tril": np.linalg.cholesky(cov).astype(np.float32)}
+  logging.info("Prior: Gaussian fitted to %d clean training images (an oracle check).", n)
+  return jax.device_put(params, ts.replicated(mesh)), None
+
+
 def write_samples(state: ts.TrainState, sample_fn, rng: jax.Array, step: int,
                   workdir: str, writer: metric_writers.MetricWriter) -> str:
-  """Samples the EMA prior, writes a PNG grid and a TensorBoard image; returns the PNG path."""
+  """Samples the EMA prior (or posterior), writes a PNG grid and a TensorBoard image."""
   samples = data.to_uint8(jax.device_get(sample_fn(state, rng)))
-  grid = evaluation.image_grid(samples)
+  grid = evaluation.image_grid(samples, num_cols=samples.shape[0] // 8
+                               if state.objective.method == "amortized" else None)
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
   if jax.process_index() == 0:
     evaluation.save_png(path, grid)
@@ -81,12 +121,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   image_shape = data.image_shape(config)
   init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
 
+  prepare_train = _make_prepare(config, mesh, for_eval=False)
+  prepare_eval = _make_prepare(config, mesh, for_eval=True)
+  # A first batch from a separate iterator: shapes, and the flow's ActNorm init.
+  sample_batch = prepare_train(next(iter(data.train_dataset(config))))
+  prior_params, prior_config = load_fixed_prior(config, mesh)
   # Created directly with replicated output sharding: no host copy of the params.
   # Init is replicated, so the partitionable threefry lowering buys nothing
   # there, and the classic one compiles ~3x faster on CPU.
   with jax.threefry_partitionable(False):
-    state = jax.jit(functools.partial(ts.create_train_state, config, image_shape=image_shape),
-                    out_shardings=rep)(init_rng)
+    state = jax.jit(functools.partial(ts.create_train_state, config, prior_config=prior_config),
+                    out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params)
   train_iter = iter(data.train_dataset(config))
   manager = checkpoint.make_manager(workdir, config)
   restored = checkpoint.restore_latest(manager, state, train_iter)
@@ -97,20 +142,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     writer.write_hparams(dict(_flatten(config.to_dict())))
   initial_step = int(jax.device_get(state.step))
 
-  prepare_train = _make_prepare(config, mesh, for_eval=False)
-  prepare_eval = _make_prepare(config, mesh, for_eval=True)
   step_fn = ts.make_train_step(mesh)
-  eval_fn = ts.make_eval_step(mesh)
+  amortized = config.method == "amortized"
+  eval_fn = ts.make_eval_step(
+      mesh, num_posterior_samples=config.amortized.eval_num_samples if amortized else 1)
   tr, ev = config.training, config.eval
-  num_samples = ev.num_samples
-  sample_fn = jax.jit(
-      functools.partial(ts.sample_prior, num_samples=num_samples, image_shape=image_shape,
-                        sampler=ev.sampler, num_steps=ev.sample_steps),
-      out_shardings=(ts.batch_sharding(mesh) if num_samples % jax.device_count() == 0
-                     else rep))
   eval_batches = None
-  if tr.eval_every_steps:
+  if tr.eval_every_steps or amortized:
     eval_batches = [prepare_eval(b) for b in data.eval_batches(config)]
+  if amortized:
+    # Posterior grids of the first held-out observations.
+    grid_batch = jax.tree.map(lambda a: a[:8], eval_batches[0])
+    sample_fn = jax.jit(lambda state, rng: posterior_grid(state, grid_batch, rng))
+  else:
+    num_samples = ev.num_samples
+    sample_fn = jax.jit(
+        functools.partial(ts.sample_prior, num_samples=num_samples, image_shape=image_shape,
+                          sampler=ev.sampler, num_steps=ev.sample_steps),
+        out_shardings=(ts.batch_sharding(mesh) if num_samples % jax.device_count() == 0
+                       else rep))
 
   report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer)
   history = []

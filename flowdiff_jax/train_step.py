@@ -9,7 +9,10 @@ the mapped axis).
 
 Methods (DESIGN 2.6) handled here:
   * "clean": denoising score matching (DSM) on the clean images `batch["x"]`;
-  * "naive": DSM on A⁺y, the pseudo-inverse of the corrupted observations.
+  * "naive": DSM on A⁺y, the pseudo-inverse of the corrupted observations;
+  * "amortized": the conditional flow alone, trained with the amortized
+    inference loss (DESIGN 2.3) against a fixed prior (a frozen diffusion
+    prior's NLL bound, or an analytic Gaussian).
 
 Randomness: `rng` is the run's root training key; the step folds in
 `state.step`, so a resumed run draws exactly what an uninterrupted one would.
@@ -19,22 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flowdiff_jax import diffusion, operators
+from flowdiff_jax import diffusion, evaluation, losses, operators
+from flowdiff_jax.models import flow as flow_lib
 from flowdiff_jax.models import unet
 
-METHODS = ("clean", "naive")
+METHODS = ("clean", "naive", "amortized")
 # Batch keys each method reads; the training program removes the others.
-METHOD_INPUTS = {"clean": ("x",), "naive": ("y", "omega")}
+METHOD_INPUTS = {"clean": ("x",), "naive": ("y", "omega"), "amortized": ("y", "omega")}
+# Fixed priors of the amortized method.
+PRIORS = ("diffusion", "gaussian")
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -42,30 +47,53 @@ Metrics = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Everything static that defines what a step optimises (hashable, so jit-static)."""
+  """Everything static that defines what a step optimises (hashable, so jit-static).
+
+  Attributes:
+    method: one of METHODS.
+    schedule: the diffusion schedule (of the prior run, for "amortized").
+    operator: the forward operator A_ω with its σ_y.
+    ema_decay: decay of the parameter EMA.
+    score_net: the ε-prediction U-Net (the frozen prior's, for "amortized").
+    flow: the conditional flow q_φ(x | y, ω) ("amortized" only).
+    prior: "diffusion" (the frozen score_net's NLL bound) or "gaussian"
+      (analytic N(mean, scale_tril scale_trilᵀ)); "amortized" only.
+    beta_data, beta_prior, beta_ent: weights of the amortized loss terms.
+    num_flow_samples: flow samples per observation in the loss.
+    num_time_samples: (t, ε) draws per sample in the diffusion NLL bound.
+    residual: the flow models x − A⁺y rather than x.
+  """
   method: str
   schedule: diffusion.VPSchedule
   operator: operators.Operator
   ema_decay: float
+  score_net: unet.UNet
+  flow: flow_lib.ConditionalGlow | None = None
+  prior: str = "diffusion"
+  beta_data: float = 1.0
+  beta_prior: float = 1.0
+  beta_ent: float = 1.0
+  num_flow_samples: int = 1
+  num_time_samples: int = 1
+  residual: bool = True
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Parameters, optimiser state and EMA; the functions that use them are static fields.
+  """Parameters, optimiser state and EMA; what uses them is in the static fields.
 
   Attributes:
     step: int32 scalar, number of updates applied.
-    params: {"score": U-Net params}.
-    ema_params: exponential moving average of `params`, used for sampling.
+    params: {"score": U-Net params} for "clean"/"naive"; {"flow": flow variables,
+      "prior": frozen prior params} for "amortized".
+    ema_params: exponential moving average of `params`, used for evaluation.
     opt_state: optax state of `tx`.
-    apply_fn: the score network's `apply`, (params, x_t [B,H,W,C], t [B], train) -> ε̂.
-    tx: the optimiser over the whole `params` tree.
-    objective: method, diffusion schedule, operator, EMA decay.
+    tx: the optimiser over the whole `params` tree (one transform per network).
+    objective: networks, schedule, operator, method and loss settings.
   """
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: optax.OptState
-  apply_fn: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   objective: Objective = flax.struct.field(pytree_node=False)
 
@@ -81,38 +109,83 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   return optax.chain(*parts)
 
 
-def make_objective(config: ml_collections.ConfigDict) -> Objective:
-  return Objective(method=config.method,
-                   schedule=diffusion.make_schedule(config.diffusion),
-                   operator=operators.make_operator(config.operator),
-                   ema_decay=float(config.optim.ema_decay))
+def _score_net(config: ml_collections.ConfigDict, channels: int) -> unet.UNet:
+  # The time embedding sees t * T, as DDPM's network saw its integer steps.
+  return unet.unet_from_config(config.model, channels=channels).clone(
+      time_scale=float(config.diffusion.num_timesteps))
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-  """Initialises a TrainState; no data, loop or devices involved.
+def make_objective(config: ml_collections.ConfigDict, channels: int,
+                   prior_config: ml_collections.ConfigDict | None = None) -> Objective:
+  """The static part of the state; for "amortized" + "diffusion" the score net
+  and schedule come from the prior run's config."""
+  net_config = prior_config if prior_config is not None else config
+  obj = Objective(method=config.method,
+                  schedule=diffusion.make_schedule(net_config.diffusion),
+                  operator=operators.make_operator(config.operator),
+                  ema_decay=float(config.optim.ema_decay),
+                  score_net=_score_net(net_config, channels))
+  if config.method != "amortized":
+    return obj
+  am = config.amortized
+  return dataclasses.replace(
+      obj, flow=flow_lib.flow_from_config(config.flow), prior=am.prior,
+      beta_data=float(am.beta_data), beta_prior=float(am.beta_prior),
+      beta_ent=float(am.beta_ent), num_flow_samples=int(am.num_flow_samples),
+      num_time_samples=int(am.num_time_samples), residual=bool(config.flow.residual))
+
+
+def _images_shape(batch: Batch) -> tuple[int, int, int]:
+  return (batch["x"] if "x" in batch else batch["y"]).shape[1:]
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample_batch: Batch,
+                       *, prior_params: Any = None,
+                       prior_config: ml_collections.ConfigDict | None = None) -> TrainState:
+  """Initialises a TrainState; no data loader, loop or devices involved.
 
   Args:
     config: a validated config (see `flowdiff_jax.validate`).
     rng: init key.
-    image_shape: (H, W, C) of the images.
+    sample_batch: a batch as `train_step` takes it ({"x"} or {"y", "omega"});
+      gives the image shape, and the flow's ActNorm layers initialise on it.
+    prior_params: "amortized" only: the frozen prior, i.e. the score network's
+      params (prior "diffusion") or {"mean": [H, W, C], "scale_tril": [D, D]}
+      (prior "gaussian", D = H·W·C).
+    prior_config: "amortized" + "diffusion": the config of the run that
+      trained the prior (its U-Net and schedule).
   """
-  # The time embedding sees t * T, as DDPM's network saw its integer steps.
-  model = unet.unet_from_config(config.model, channels=image_shape[-1]).clone(
-      time_scale=float(config.diffusion.num_timesteps))
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  params = {"score": model.init(rng, x, jnp.zeros((1,)), train=False)["params"]}
-  # One optimiser per network; the FlowDiff method adds a "flow" entry.
-  tx = optax.multi_transform({"score": make_optimizer(config.optim)},
-                             {"score": "score"})
-
-  def apply_fn(score_params, x_t, t, train, rngs=None):
-    return model.apply({"params": score_params}, x_t, t, train=train, rngs=rngs)
-
+  shape = _images_shape(sample_batch)
+  obj = make_objective(config, shape[-1], prior_config)
+  if config.method == "amortized":
+    if prior_params is None:
+      raise ValueError("method 'amortized' needs prior_params (a frozen prior)")
+    op = obj.operator
+    cond = flow_lib.conditioning_input(op, sample_batch["y"], sample_batch["omega"])
+    # ActNorm initialises on the first batch of what the flow models: x − A⁺y
+    # with the residual base, else images near A⁺y.
+    pinv = op.pinv(sample_batch["y"], sample_batch["omega"])
+    spread = 0.1 * jax.random.normal(rng, pinv.shape)  # a guess of the posterior's scale
+    target = spread if obj.residual else pinv + spread
+    params = {"flow": obj.flow.init(rng, target, cond), "prior": prior_params}
+    tx = optax.multi_transform(
+        {"flow": make_optimizer(config.flow_optim), "prior": optax.set_to_zero()},
+        {"flow": "flow", "prior": "prior"})
+  else:
+    x = jnp.zeros((1, *shape), jnp.float32)
+    params = {"score": obj.score_net.init(rng, x, jnp.zeros((1,)), train=False)["params"]}
+    tx = optax.multi_transform({"score": make_optimizer(config.optim)}, {"score": "score"})
   # The EMA gets its own buffers: params and ema_params are donated separately.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    apply_fn=apply_fn, tx=tx, objective=make_objective(config))
+                    tx=tx, objective=obj)
+
+
+def _eps_fn(obj: Objective, score_params, *, train: bool = False, dropout_rng=None):
+  """(x_t [B, H, W, C], t [B]) -> ε̂ of the score network with these params."""
+  rngs = {"dropout": dropout_rng} if train else None
+  return lambda x_t, t: obj.score_net.apply({"params": score_params}, x_t, t, train=train,
+                                            rngs=rngs)
 
 
 def _dsm_input(objective: Objective, batch: Batch) -> jax.Array:
@@ -121,7 +194,26 @@ def _dsm_input(objective: Objective, batch: Batch) -> jax.Array:
     return batch["x"]
   if objective.method == "naive":
     return objective.operator.pinv(batch["y"], batch["omega"])
-  raise ValueError(f"method={objective.method!r}; allowed: {', '.join(METHODS)}")
+  raise ValueError(f"method={objective.method!r} has no DSM input")
+
+
+def prior_log_prob(obj: Objective, prior_params: Any, rng: jax.Array):
+  """x [N, H, W, C] -> log p(x) [N] of the fixed prior (a bound for "diffusion").
+
+  The prior's params are held fixed (stop_gradient); gradients reach x only.
+  """
+  prior_params = jax.lax.stop_gradient(prior_params)
+  if obj.prior == "gaussian":
+    def log_prob(x):
+      d = x.reshape(x.shape[0], -1) - prior_params["mean"].reshape(1, -1)
+      tril = prior_params["scale_tril"]
+      w = jax.scipy.linalg.solve_triangular(tril, d.T, lower=True)
+      return (-0.5 * jnp.sum(w * w, axis=0) - jnp.sum(jnp.log(jnp.diag(tril)))
+              - 0.5 * d.shape[-1] * jnp.log(2 * jnp.pi))
+    return log_prob
+  eps_fn = _eps_fn(obj, prior_params)
+  return lambda x: -diffusion.nll_bound(eps_fn, obj.schedule, x, rng,
+                                        num_time_samples=obj.num_time_samples)
 
 
 def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -151,49 +243,83 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   if axis_name is not None:
     # Each shard is a different part of the batch: it needs its own draws.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  dsm_rng, dropout_rng = jax.random.split(rng)
-  x = _dsm_input(obj, batch)
+  loss_rng, dropout_rng, prior_rng = jax.random.split(rng, 3)
 
-  def loss_fn(params):
-    eps_fn = functools.partial(state.apply_fn, params["score"], train=True,
-                               rngs={"dropout": dropout_rng})
-    per_example = diffusion.dsm_loss(lambda x_t, t: eps_fn(x_t, t), obj.schedule, x, dsm_rng)
-    return jnp.mean(per_example)
+  if obj.method == "amortized":
+    def loss_fn(params):
+      return losses.amortized_flow_loss(
+          obj.flow, params["flow"], loss_rng, batch["y"], batch["omega"], obj.operator,
+          prior_log_prob(obj, params["prior"], prior_rng),
+          num_samples=obj.num_flow_samples, beta_data=obj.beta_data,
+          beta_prior=obj.beta_prior, beta_ent=obj.beta_ent, residual=obj.residual)
+  else:
+    x = _dsm_input(obj, batch)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def loss_fn(params):
+      eps_fn = _eps_fn(obj, params["score"], train=True, dropout_rng=dropout_rng)
+      loss = jnp.mean(diffusion.dsm_loss(eps_fn, obj.schedule, x, loss_rng))
+      return loss, {"dsm_loss": loss}
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-    loss = jax.lax.pmean(loss, axis_name)
+    terms = jax.lax.pmean(terms, axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - obj.ema_decay)
   new_state = state.replace(step=state.step + 1, params=params,
                             ema_params=ema_params, opt_state=opt_state)
-  metrics = {"train/dsm_loss": loss, "train/grad_norm": optax.global_norm(grads)}
+  metrics = {f"train/{k}": v for k, v in terms.items()}
+  metrics["train/grad_norm"] = optax.global_norm(grads)
+  if obj.method == "amortized":
+    # Likelihood terms also in bits per dimension.
+    metrics["train/prior_nll_bpd"] = terms["prior_nll"] / jnp.log(2.0)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
-              axis_name: str | None = None) -> Metrics:
-  """Held-out DSM loss of the EMA score network on clean images (per dimension).
+def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
+                      num_samples: int) -> jax.Array:
+  """Draws [num_samples, B, H, W, C] from the EMA flow's q(x | y, ω) ("amortized")."""
+  obj = state.objective
+  y, omega = batch["y"], batch["omega"]
+  cond = flow_lib.conditioning_input(obj.operator, y, omega)
+  base = obj.operator.pinv(y, omega) if obj.residual else None
+  x, _ = flow_lib.sample(obj.flow, state.ema_params["flow"], rng, cond, num_samples, base=base)
+  return x
 
-  Comparable across methods: it measures how well each prior fits *clean*
-  data, whatever it was trained on. `batch["x"]`: [B, H, W, C].
+
+def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+              axis_name: str | None = None, num_posterior_samples: int = 16) -> Metrics:
+  """Held-out metrics of the EMA params; `batch` has "x", "y", "omega" ([B, H, W, C]).
+
+  "clean"/"naive": eval/dsm_loss_clean, the DSM loss on *clean* images
+  (comparable across methods: how well each prior fits clean data).
+  "amortized": PSNR (dB, images in [-1, 1]) against the clean images of the
+  posterior mean of `num_posterior_samples` flow samples, of the observation y
+  and of A⁺y, and the mean per-pixel posterior std.
   """
   obj = state.objective
-  eps_fn = functools.partial(state.apply_fn, state.ema_params["score"], train=False)
-  per_example = diffusion.dsm_loss(lambda x_t, t: eps_fn(x_t, t), obj.schedule,
-                                   batch["x"], rng)
-  return {"eval/dsm_loss_clean": _mean(per_example, axis_name)}
+  x = batch["x"]
+  if obj.method != "amortized":
+    per_example = diffusion.dsm_loss(_eps_fn(obj, state.ema_params["score"]), obj.schedule,
+                                     x, rng)
+    return {"eval/dsm_loss_clean": _mean(per_example, axis_name)}
+  samples = posterior_samples(state, batch, rng, num_posterior_samples)
+  mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+  pinv = obj.operator.pinv(batch["y"], batch["omega"])
+  return {"eval/psnr_posterior_mean": _mean(evaluation.psnr(mean, x), axis_name),
+          "eval/psnr_observation": _mean(evaluation.psnr(batch["y"], x), axis_name),
+          "eval/psnr_pinv": _mean(evaluation.psnr(pinv, x), axis_name),
+          "eval/posterior_std": _mean(std, axis_name)}
 
 
 def sample_prior(state: TrainState, rng: jax.Array, num_samples: int,
                  image_shape: tuple[int, int, int], *, sampler: str,
                  num_steps: int) -> jax.Array:
   """Samples [num_samples, H, W, C] in [-1, 1] from the EMA score network."""
-  eps_fn = functools.partial(state.apply_fn, state.ema_params["score"], train=False)
-  return diffusion.sample(lambda x_t, t: eps_fn(x_t, t), state.objective.schedule, rng,
-                          (num_samples, *image_shape), sampler=sampler, num_steps=num_steps)
+  eps_fn = _eps_fn(state.objective, state.ema_params["score"])
+  return diffusion.sample(eps_fn, state.objective.schedule, rng, (num_samples, *image_shape),
+                          sampler=sampler, num_steps=num_steps)
 
 
 # --------------------------------------------------------------------------
@@ -228,6 +354,7 @@ def make_train_step(mesh: jax.sharding.Mesh):
                  donate_argnums=0)
 
 
-def make_eval_step(mesh: jax.sharding.Mesh):
+def make_eval_step(mesh: jax.sharding.Mesh, num_posterior_samples: int = 16):
   rep, data = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, data, rep), out_shardings=rep)
+  step = functools.partial(eval_step, num_posterior_samples=num_posterior_samples)
+  return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=rep)

@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 from flowdiff_jax import diffusion, operators
-from flowdiff_jax.train_step import METHODS
+from flowdiff_jax.train_step import METHODS, PRIORS
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a")
 NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "celeb_a": 64}
 
@@ -138,6 +138,26 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   ema = config.optim.ema_decay
   if not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
     _fail("optim.ema_decay", ema, "must lie in [0, 1)")
+
+  # Conditional flow and amortized inference.
+  if config.method == "amortized":
+    for field in ("num_levels", "num_steps", "hidden_channels", "cond_channels"):
+      _positive(config, f"flow.{field}", integer=True)
+    _choice(config, "flow.coupling", ("affine", "additive"))
+    if size % 2 ** config.flow.num_levels:
+      _fail("flow.num_levels", config.flow.num_levels,
+            f"the image size {size} must be divisible by 2**num_levels")
+    _positive(config, "flow_optim.learning_rate")
+    _positive(config, "operator.sigma_y")  # the flow's likelihood divides by σ_y²
+    _choice(config, "amortized.prior", PRIORS)
+    if config.amortized.prior == "diffusion" and not config.amortized.prior_workdir:
+      _fail("amortized.prior_workdir", config.amortized.prior_workdir,
+            "the diffusion prior needs the workdir of a finished clean or naive run")
+    for field in ("beta_data", "beta_prior", "beta_ent"):
+      _positive(config, f"amortized.{field}", strict=False)
+    for field in ("num_flow_samples", "num_time_samples", "gaussian_fit_examples",
+                  "eval_num_samples"):
+      _positive(config, f"amortized.{field}", integer=True)
 
   # Training loop.
   _positive(config, "training.batch_size", integer=True)

@@ -110,9 +110,9 @@ def test_users_cifar_command_fails_fast_offline(tmp_path):
 def test_step_on_one_and_four_devices_agree():
   """Same global batch and key: the sharded step on 4 devices matches 1 device."""
   config = _tiny("naive")
-  state0 = jax.device_get(ts.create_train_state(config, jax.random.key(0), (28, 28, 1)))
   x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1, maxval=1)
   batch = {"y": x, "omega": {}}
+  state0 = jax.device_get(ts.create_train_state(config, jax.random.key(0), batch))
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = ts.make_mesh(devices)
@@ -144,3 +144,39 @@ def test_package_exports_do_not_shadow_modules():
 
   assert hasattr(module, "make_train_step") and callable(fn)
   assert flowdiff_jax.create_train_state is module.create_train_state
+
+
+def test_amortized_with_a_gaussian_prior_runs_end_to_end(tmp_path, mock_fashion_mnist):
+  config = _tiny("amortized")
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4
+  assert set(state.params) == {"flow", "prior"}
+  assert all(np.isfinite(x).all() for x in _leaves(state))
+  assert os.path.exists(tmp_path / "samples" / "step_0000004.png")
+
+
+def test_amortized_keeps_a_diffusion_prior_from_a_clean_run_frozen(tmp_path, mock_fashion_mnist):
+  from flowdiff_jax import checkpoint
+
+  train.train_and_evaluate(_tiny("clean", steps=2), str(tmp_path / "prior"))
+  _, prior = checkpoint.load_prior(str(tmp_path / "prior"))
+  config = _tiny("amortized", steps=2)
+  config.amortized.prior = "diffusion"
+  config.amortized.prior_workdir = str(tmp_path / "prior")
+  state = train.train_and_evaluate(config, str(tmp_path / "posterior"))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params["prior"])),
+                  jax.tree.leaves(jax.device_get(prior)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The flow did train: its params moved away from their slowly-following EMA.
+  moved = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(jax.device_get(state.params["flow"])),
+      jax.tree.leaves(jax.device_get(state.ema_params["flow"])))]
+  assert any(moved)
+
+
+def test_amortized_without_a_prior_checkpoint_says_what_to_do(tmp_path, mock_fashion_mnist):
+  config = _tiny("amortized", steps=2)
+  config.amortized.prior = "diffusion"
+  config.amortized.prior_workdir = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="train a clean or naive run there first"):
+    train.train_and_evaluate(config, str(tmp_path / "posterior"))
