@@ -81,7 +81,7 @@ def split_latents(z: jax.Array, num_levels: int) -> list[jax.Array]:
 
   Level l < L-1 gets [B, H/2^(l+1), W/2^(l+1), 2^(l+1) C] (the second half of
   that level's channels, the half that the flow factors out); the last level
-  gets [B, H/2^L, W/2^L, 2^(2L) C / 2^(L-1)] (everything left). The inverse is
+  gets [B, H/2^L, W/2^L, 2^(L+1) C] (everything left). The inverse is
   ``merge_latents``; both are permutations of the entries.
   """
   pieces = []
@@ -420,7 +420,8 @@ def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.A
   z ~ N(0, I); x = G(z; c), plus ``base`` x̂₀ [B, H, W, C] when given (the flow
   then models x − x̂₀; the shift leaves the density unchanged).
   Args:
-    params: the variables from ``flow.init``.
+    params: the variables dict from ``flow.init`` ({"params": ...}); without
+      ``base`` the image channel count is read from its shapes.
     cond_input: [B, H, W, Cc].
   Returns:
     x [num_samples, B, H, W, C] and log q(x | c) = log N(z; 0, I) − log|det ∂x/∂z|,
