@@ -24,7 +24,13 @@ def _load(path):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_every_config_file_is_valid(path):
-  validate_config(_load(path))
+  config = _load(path)
+  if config.method == "amortized" and config.amortized.prior == "diffusion":
+    # The prior run's workdir is the user's to give.
+    with pytest.raises(ConfigError, match="config.amortized.prior_workdir=None"):
+      validate_config(config)
+    config.amortized.prior_workdir = "workdirs/fmnist_clean"
+  validate_config(config)
 
 
 def test_experiment_configs_state_their_protocol():
@@ -99,3 +105,20 @@ def test_batch_must_split_over_devices():
                      r"by the number of devices \(4\); allowed: multiples of 4"):
     validate_config(config, num_devices=4)
   validate_config(default.get_config(), num_devices=4)
+
+
+def test_amortized_settings_are_checked():
+  config = tiny.get_config()
+  config.method = "amortized"
+  validate_config(config)
+  config.operator.sigma_y = 0.0
+  with pytest.raises(ConfigError, match=r"config.operator.sigma_y=0.0: must be a number > 0"):
+    validate_config(config)
+  config.operator.sigma_y = 0.2
+  config.amortized.prior = "flow"
+  with pytest.raises(ConfigError, match="allowed: diffusion, gaussian"):
+    validate_config(config)
+  config.amortized.prior = "gaussian"
+  config.flow.num_levels = 3  # 28 is not divisible by 8
+  with pytest.raises(ConfigError, match="config.flow.num_levels=3"):
+    validate_config(config)

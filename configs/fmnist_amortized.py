@@ -1,0 +1,32 @@
+"""The amortized posterior on Fashion-MNIST denoising (σ_y = 0.2, [-1, 1] scale).
+
+The conditional flow alone, trained against a *frozen* diffusion prior: the EMA
+score network of a finished clean or naive run with the same data and operator.
+Pass that run's workdir:
+
+  python -m flowdiff_jax.main --config=configs/fmnist_amortized.py \\
+      --config.amortized.prior_workdir=workdirs/fmnist_clean
+"""
+
+from configs import fmnist_noise
+
+
+def get_config():
+  config = fmnist_noise.get_config()
+  config.method = "amortized"
+  config.amortized.prior = "diffusion"
+  config.flow.num_levels = 2
+  config.flow.num_steps = 4
+  config.flow.hidden_channels = 32
+  config.flow.cond_channels = 16
+  config.flow_optim.learning_rate = 5e-4
+  config.flow_optim.warmup_steps = 100
+  config.training.batch_size = 32
+  config.training.num_train_steps = 1_500
+  config.training.log_every_steps = 50
+  config.training.eval_every_steps = 500
+  config.training.sample_every_steps = 500
+  config.training.checkpoint_every_steps = 500
+  config.eval.batch_size = 128
+  config.amortized.eval_num_samples = 16
+  return config
