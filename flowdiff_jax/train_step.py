@@ -279,21 +279,26 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
 
 def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
                       num_samples: int) -> jax.Array:
-  """Draws [num_samples, B, H, W, C] from the EMA flow's q(x | y, ω) ("amortized")."""
+  """Draws [num_samples, B, H, W, C] from the flow's q(x | y, ω) ("amortized").
+
+  The flow's current params are used: the EMA (decay tuned for the score
+  network's long runs) would lag a flow trained for a few thousand steps.
+  """
   obj = state.objective
   y, omega = batch["y"], batch["omega"]
   cond = flow_lib.conditioning_input(obj.operator, y, omega)
   base = obj.operator.pinv(y, omega) if obj.residual else None
-  x, _ = flow_lib.sample(obj.flow, state.ema_params["flow"], rng, cond, num_samples, base=base)
+  x, _ = flow_lib.sample(obj.flow, state.params["flow"], rng, cond, num_samples, base=base)
   return x
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
               axis_name: str | None = None, num_posterior_samples: int = 16) -> Metrics:
-  """Held-out metrics of the EMA params; `batch` has "x", "y", "omega" ([B, H, W, C]).
+  """Held-out metrics; `batch` has "x", "y", "omega" ([B, H, W, C]).
 
-  "clean"/"naive": eval/dsm_loss_clean, the DSM loss on *clean* images
-  (comparable across methods: how well each prior fits clean data).
+  "clean"/"naive": eval/dsm_loss_clean, the DSM loss of the EMA score network
+  on *clean* images (comparable across methods: how well each prior fits
+  clean data).
   "amortized": PSNR (dB, images in [-1, 1]) against the clean images of the
   posterior mean of `num_posterior_samples` flow samples, of the observation y
   and of A⁺y, and the mean per-pixel posterior std.
