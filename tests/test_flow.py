@@ -16,6 +16,7 @@ import pytest
 
 from flowdiff_jax import losses, operators
 from flowdiff_jax.models import flow as flow_lib
+import params_testing
 
 
 def _key(seed):
@@ -33,18 +34,8 @@ def _init(module, *args, **kwargs):
     return jax.jit(functools.partial(module.init, **kwargs))(_key(0), *args)
 
 
-@functools.partial(jax.jit, static_argnums=2)
 def _perturb(variables, seed, scale=0.2):
-  """Adds pseudo-random offsets of size ~scale to every parameter: moves
-  zero-initialised couplings (identity maps) and the rotation init to a
-  generic point. Built from sin of a hashed index, which compiles much faster
-  on CPU than one random draw per leaf."""
-  leaves, treedef = jax.tree.flatten(variables)
-  out = []
-  for i, p in enumerate(leaves):
-    phase = jnp.arange(p.size, dtype=jnp.float32) * 0.618034 + 2.71 * i + seed
-    out.append(p + scale * jnp.sin(131.0 * phase).reshape(p.shape))
-  return jax.tree.unflatten(treedef, out)
+  return params_testing.perturb(variables, seed, scale)
 
 
 def _jacobian_logdet(fn, x):

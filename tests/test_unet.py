@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flowdiff_jax.models import unet as unet_lib
+import params_testing
 
 # 28x28 -> 14 -> 7, attention at 14; small enough to compile in seconds.
 TINY = dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
@@ -19,17 +20,8 @@ def _num_params(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@jax.jit
 def _randomize(params, seed, scale=0.05):
-  """Init values + fixed pseudo-random offsets, so zero-initialised layers no
-  longer mask the input. Built from sin(iota): cheaper to compile on CPU than
-  a random draw per leaf."""
-  leaves, treedef = jax.tree.flatten(params)
-  out = []
-  for i, p in enumerate(leaves):
-    phase = jnp.arange(p.size, dtype=jnp.float32) * 0.7548777 + 1.3 * i + seed
-    out.append(p + scale * jnp.sin(97.0 * phase).reshape(p.shape))
-  return jax.tree.unflatten(treedef, out)
+  return params_testing.perturb(params, seed, scale)
 
 
 def _key(seed):
