@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     if step % tr.log_every_steps == 0 or last:
       writer.write_scalars(step, _mean_metrics(history))
       history = []
-    if eval_batches and (step % tr.eval_every_steps == 0 or last):
+    # "amortized" always evaluates at the end: its posterior PSNR is the result.
+    if eval_batches and ((tr.eval_every_steps and step % tr.eval_every_steps == 0) or last):
       with report.timed("eval"):
         writer.write_scalars(step, evaluate(state, eval_fn, eval_batches, eval_rng))
     if tr.sample_every_steps and (step % tr.sample_every_steps == 0 or last):

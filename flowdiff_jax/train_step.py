@@ -165,9 +165,10 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample
     # ActNorm initialises on the first batch of what the flow models: x − A⁺y
     # with the residual base, else images near A⁺y.
     pinv = op.pinv(sample_batch["y"], sample_batch["omega"])
-    spread = 0.1 * jax.random.normal(rng, pinv.shape)  # a guess of the posterior's scale
+    noise_rng, init_rng = jax.random.split(rng)
+    spread = 0.1 * jax.random.normal(noise_rng, pinv.shape)  # a guess of the posterior's scale
     target = spread if obj.residual else pinv + spread
-    params = {"flow": obj.flow.init(rng, target, cond), "prior": prior_params}
+    params = {"flow": obj.flow.init(init_rng, target, cond), "prior": prior_params}
     tx = optax.multi_transform(
         {"flow": make_optimizer(config.flow_optim), "prior": optax.set_to_zero()},
         {"flow": "flow", "prior": "prior"})
