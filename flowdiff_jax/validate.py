@@ -12,7 +12,9 @@ import math
 import ml_collections
 
 from flowdiff_jax import diffusion, operators
+from flowdiff_jax.models.flow import COUPLINGS
 from flowdiff_jax.train_step import METHODS, PRIORS
+
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a")
 NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "celeb_a": 64}
 
@@ -47,6 +49,13 @@ def _get(config, field: str):
       raise ConfigError(f"config.{field} is missing (is the config based on configs/default.py?)")
     node = node[part]
   return node
+
+
+def _optimizer(config, section: str) -> None:
+  _positive(config, f"{section}.learning_rate")
+  _positive(config, f"{section}.warmup_steps", strict=False, integer=True)
+  _positive(config, f"{section}.weight_decay", strict=False)
+  _positive(config, f"{section}.grad_clip_norm", strict=False)
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
@@ -130,11 +139,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
     _fail("model.dropout", dropout, "must lie in [0, 1)")
 
-  # Optimiser.
-  _positive(config, "optim.learning_rate")
-  _positive(config, "optim.warmup_steps", strict=False, integer=True)
-  _positive(config, "optim.weight_decay", strict=False)
-  _positive(config, "optim.grad_clip_norm", strict=False)
+  # Optimisers.
+  _optimizer(config, "optim")
   ema = config.optim.ema_decay
   if not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
     _fail("optim.ema_decay", ema, "must lie in [0, 1)")
@@ -143,11 +149,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if config.method == "amortized":
     for field in ("num_levels", "num_steps", "hidden_channels", "cond_channels"):
       _positive(config, f"flow.{field}", integer=True)
-    _choice(config, "flow.coupling", ("affine", "additive"))
+    _choice(config, "flow.coupling", COUPLINGS)
     if size % 2 ** config.flow.num_levels:
       _fail("flow.num_levels", config.flow.num_levels,
             f"the image size {size} must be divisible by 2**num_levels")
-    _positive(config, "flow_optim.learning_rate")
+    _optimizer(config, "flow_optim")
     _positive(config, "operator.sigma_y")  # the flow's likelihood divides by σ_y²
     _choice(config, "amortized.prior", PRIORS)
     if config.amortized.prior == "diffusion" and not config.amortized.prior_workdir:
