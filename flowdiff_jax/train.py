@@ -66,8 +66,11 @@ def posterior_grid(state: ts.TrainState, batch: ts.Batch, rng: jax.Array,
   return jnp.stack(columns, axis=1).reshape((-1,) + batch["x"].shape[1:])
 
 
-def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(prior_params, prior_config) of the "amortized" method; (None, None) otherwise."""
+def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, train_source):
+  """(prior_params, prior_config) of the "amortized" method; (None, None) otherwise.
+
+  train_source: the clean training images, used only to fit the oracle Gaussian.
+  """
   if config.method != "amortized":
     return None, None
   if config.amortized.prior == "diffusion":
@@ -79,9 +82,8 @@ def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
                  prior_config.method)
     return jax.device_put(params, ts.replicated(mesh)), prior_config
   # Oracle Gaussian prior: mean and covariance of clean training images.
-  source = data.make_source(config, "train")
-  n = min(config.amortized.gaussian_fit_examples, len(source))
-  x = np.stack([source[i]["image"] for i in range(n)]).astype(np.float64) / 127.5 - 1.0
+  n = min(config.amortized.gaussian_fit_examples, len(train_source))
+  x = np.stack([train_source[i]["image"] for i in range(n)]).astype(np.float64) / 127.5 - 1.0
   mean = x.mean(0)
   flat = x.reshape(n, -1) - mean.reshape(1, -1)
   # A small ridge keeps the always-black borders of (Fashion-)MNIST well posed.
@@ -123,16 +125,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
 
   prepare_train = _make_prepare(config, mesh, for_eval=False)
   prepare_eval = _make_prepare(config, mesh, for_eval=True)
+  train_source = data.make_source(config, "train")  # read once, used three times
   # A first batch from a separate iterator: shapes, and the flow's ActNorm init.
-  sample_batch = prepare_train(next(iter(data.train_dataset(config))))
-  prior_params, prior_config = load_fixed_prior(config, mesh)
+  sample_batch = prepare_train(next(iter(data.train_dataset(config, train_source))))
+  prior_params, prior_config = load_fixed_prior(config, mesh, train_source)
   # Created directly with replicated output sharding: no host copy of the params.
   # Init is replicated, so the partitionable threefry lowering buys nothing
   # there, and the classic one compiles ~3x faster on CPU.
   with jax.threefry_partitionable(False):
     state = jax.jit(functools.partial(ts.create_train_state, config, prior_config=prior_config),
                     out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params)
-  train_iter = iter(data.train_dataset(config))
+  train_iter = iter(data.train_dataset(config, train_source))
   manager = checkpoint.make_manager(workdir, config)
   restored = checkpoint.restore_latest(manager, state, train_iter)
   if restored is not None:
