@@ -9,6 +9,8 @@ The step function is imported from its module,
 shadow the module `flowdiff_jax.train_step` with the function of the same name.
 """
 
+# First: XLA flags must be set before JAX starts a backend.
+from flowdiff_jax import xla_workarounds  # noqa: F401  (isort: skip)
 from flowdiff_jax import diffusion, operators
 from flowdiff_jax.models import unet
 from flowdiff_jax.train_step import TrainState, create_train_state, make_mesh, make_train_step

@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import flowdiff_jax  # noqa: E402,F401  (its XLA bug workarounds, before jax starts)
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
