@@ -20,10 +20,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from flowdiff_jax import rng as rng_lib
+
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 SCHEDULE_KINDS = ("linear", "cosine")
 SAMPLERS = ("ancestral", "ddim", "heun")
+TIME_SAMPLINGS = ("log_snr", "uniform")  # nll_bound's proposal for t
+PRIOR_GRADIENTS = ("exact", "sds")  # nll_bound's x-gradient of the diffusion term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +124,11 @@ class VPSchedule:
       b0, b1 = self._beta0_beta1()
       beta = b0 + (b1 - b0) * t
       big_b = b0 * t + 0.5 * (b1 - b0) * t**2
-      # d/dt[-log(e^B - 1)] = -beta e^B / (e^B - 1) = -beta / (1 - e^-B).
-      return -beta / (-jnp.expm1(-big_b))
+      # d/dt[-log(e^B - 1)] = -beta e^B / (e^B - 1) = -beta (1 + 1/expm1(B)).
+      # Written with log_snr's expm1(B), not expm1(-B): XLA's CPU "YNN" reduce
+      # fusions (jaxlib 0.10.2) mix up two expm1 of different arguments in one
+      # fusion, which made nll_bound's uniform-t weights wrong under jit.
+      return -beta * (1.0 + 1.0 / jnp.expm1(big_b))
     theta0, theta, dtheta_dt = self._cosine_angles(t)
     cot = lambda a: jnp.cos(a) / jnp.sin(a)
     dlam_dtheta = 2.0 * cot(theta) + cot(theta0 - theta) - cot(theta0 + theta)
@@ -163,8 +170,8 @@ def q_sample(schedule: VPSchedule, x: jax.Array, t: jax.Array,
   return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
 
 
-def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array,
-             rng: jax.Array) -> jax.Array:
+def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array, *,
+             axis_name: str | None = None) -> jax.Array:
   """Denoising score matching (epsilon form), one Monte-Carlo draw per example.
 
   Args:
@@ -172,14 +179,18 @@ def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array,
     schedule: the VP schedule.
     x: clean images [B, H, W, C] (callers stop gradients if they must).
     rng: PRNG key; t ~ U(t_min, 1) and eps ~ N(0, I) are drawn per example.
+      Under shard_map/pmap it must be the same on every device.
+    axis_name: None under jit (x is the global batch); inside shard_map/pmap
+      the mapped batch axis, so that each device gets its rows of the
+      global draws (`flowdiff_jax.rng`) and the result does not depend on
+      the device count.
   Returns:
     [B] loss per example: mean over pixels of (eps_hat - eps)^2 (per dimension).
   """
   t_rng, eps_rng = jax.random.split(rng)
   batch = x.shape[0]
-  t = jax.random.uniform(t_rng, (batch,), jnp.float32,
-                         minval=schedule.t_min, maxval=1.0)
-  eps = jax.random.normal(eps_rng, x.shape, x.dtype)
+  t = rng_lib.uniform(t_rng, (batch,), schedule.t_min, 1.0, jnp.float32, axis_name=axis_name)
+  eps = rng_lib.normal(eps_rng, x.shape, x.dtype, axis_name=axis_name)
   x_t = q_sample(schedule, x, t, eps)
   err = (eps_fn(x_t, t) - eps).astype(jnp.float32)
   return jnp.mean(jnp.square(err), axis=tuple(range(1, x.ndim)))
@@ -287,7 +298,8 @@ def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
 
 
 def nll_bound(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array, *,
-              num_time_samples: int = 1) -> jax.Array:
+              num_time_samples: int = 1, time_sampling: str = "log_snr",
+              gradient: str = "exact", axis_name: str | None = None) -> jax.Array:
   """Upper bound on -log p(x) in nats per image, the continuous-time diffusion ELBO.
 
   -log p(x) <= KL(q(z_1 | x) || N(0, I))                       (prior term)
@@ -300,36 +312,78 @@ def nll_bound(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array,
   what the flow minimises as -log p_theta(x) (DESIGN 2.2), and for the exact
   score of a Gaussian it is within the decoder's tiny noise of the true NLL.
 
+  The diffusion term is estimated with draws (t, eps), each weighted by
+  w = -lambda'(t) / (density of t):
+    * time_sampling "log_snr" (default): lambda uniform on
+      [lambda(1), lambda(t_min)], so w = lambda(t_min) - lambda(1) is
+      constant: importance sampling proportional to |lambda'(t)|.
+    * "uniform": t ~ U(t_min, 1), w = (1 - t_min) (-lambda'(t)). Same
+      expectation, but w ~ 1/t near t = 0 makes it heavy-tailed: several
+      times the standard deviation per draw.
+
+  Per draw the exact x-gradient of the diffusion term is
+  w alpha_t J^T (eps_hat - eps), J = d eps_hat / d z_t, a backward pass
+  through the network. With gradient "sds" J is replaced by sigma_t I, the
+  Jacobian of the optimal eps_hat for N(0, I) data (which the VP process
+  keeps at N(0, I)): the x-gradient becomes w alpha_t sigma_t (eps_hat - eps)
+  with eps_hat held fixed, and the network gets no gradient from this term
+  (eps_hat is under stop_gradient). The returned value is the same bound
+  (the same arithmetic, up to XLA's fusion choices); only its gradient
+  changes, and the prior term keeps its exact gradient. "sds" is cheaper (no
+  backward pass through the network) but biased: for N(mu, Sigma) data the
+  exact J = sigma_t C_t^-1, C_t = alpha_t^2 Sigma + sigma_t^2 I, so "sds"
+  under-weights low-variance directions (and over-weights those with
+  variance above 1).
+
   Args:
     eps_fn: (x_t [B, H, W, C], t [B]) -> eps_hat.
     schedule: the VP schedule.
     x: images [B, H, W, C].
-    rng: key for t and eps.
+    rng: key for t and eps; under shard_map/pmap the same on every device.
     num_time_samples: Monte-Carlo draws of (t, eps) per image, averaged.
+    time_sampling: one of TIME_SAMPLINGS, see above.
+    gradient: one of PRIOR_GRADIENTS: "exact" or "sds", see above.
+    axis_name: None under jit (x is the global batch); inside shard_map/pmap
+      the mapped batch axis, so that each device gets its rows of the
+      global draws (`flowdiff_jax.rng`).
 
   Returns:
     [B] bound in nats per image (divide by H*W*C for nats per dimension).
   """
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+  if gradient not in PRIOR_GRADIENTS:
+    raise ValueError(f"gradient must be one of {PRIOR_GRADIENTS}, got {gradient!r}")
   dims = math.prod(x.shape[1:])
   lam_min = schedule.log_snr(schedule.t_min)
   alpha_1, sigma_1 = schedule.alpha_sigma(1.0)
-  sq = jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-  prior = 0.5 * (alpha_1**2 * sq + dims * (sigma_1**2 - 1.0 - jnp.log(sigma_1**2)))
+  sum_pixels = lambda a: jnp.sum(a, axis=tuple(range(1, x.ndim)))
+  prior = 0.5 * (alpha_1**2 * sum_pixels(jnp.square(x)) +
+                 dims * (sigma_1**2 - 1.0 - jnp.log(sigma_1**2)))
   decoder = 0.5 * dims * (1.0 + math.log(2 * math.pi) - lam_min)
-
-  # Importance sampling: t drawn with density proportional to |lambda'(t)|, i.e.
-  # lambda uniform on [lambda(1), lambda(t_min)]; the weight is then constant.
-  # Uniform t would weight draws by |lambda'(t)| ~ 1/t, a heavy-tailed estimator.
   lam_max, lam_1 = lam_min, schedule.log_snr(1.0)
 
   def one_draw(key):
-    lam_key, eps_key = jax.random.split(key)
-    lam = jax.random.uniform(lam_key, x.shape[:1], jnp.float32, lam_1, lam_max)
-    t = schedule.t_from_log_snr(lam)
-    eps = jax.random.normal(eps_key, x.shape, x.dtype)
-    err = jnp.sum(jnp.square(eps_fn(q_sample(schedule, x, t, eps), t) - eps),
-                  axis=tuple(range(1, x.ndim)))
-    return 0.5 * (lam_max - lam_1) * err
+    time_key, eps_key = jax.random.split(key)
+    if time_sampling == "log_snr":
+      lam = rng_lib.uniform(time_key, x.shape[:1], lam_1, lam_max, jnp.float32,
+                            axis_name=axis_name)
+      t = schedule.t_from_log_snr(lam)
+      weight = lam_max - lam_1
+    else:
+      t = rng_lib.uniform(time_key, x.shape[:1], schedule.t_min, 1.0, jnp.float32,
+                          axis_name=axis_name)
+      weight = (1.0 - schedule.t_min) * -schedule.dlog_snr_dt(t)
+    eps = rng_lib.normal(eps_key, x.shape, x.dtype, axis_name=axis_name)
+    if gradient == "exact":
+      err = eps_fn(q_sample(schedule, x, t, eps), t) - eps
+      return 0.5 * weight * sum_pixels(jnp.square(err))
+    x_fixed = jax.lax.stop_gradient(x)
+    err = jax.lax.stop_gradient(eps_fn(q_sample(schedule, x_fixed, t, eps), t)) - eps
+    alpha, sigma = schedule.alpha_sigma(t)
+    grad_x = _bcast(weight * alpha * sigma, x) * err
+    # x - x_fixed is exactly 0, so the value is the exact one; the x-gradient is grad_x.
+    return 0.5 * weight * sum_pixels(jnp.square(err)) + sum_pixels((x - x_fixed) * grad_x)
 
   draws = jax.vmap(one_draw)(jax.random.split(rng, num_time_samples))
   return prior + decoder + jnp.mean(draws, axis=0)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from flowdiff_jax import rng as rng_lib
+
 COUPLINGS = ("affine", "additive")
 
 # Affine couplings use log_scale = B·tanh(raw / B): identity at raw = 0 (so a
@@ -414,7 +416,8 @@ def tile_samples(a: jax.Array, n: int) -> jax.Array:
 
 
 def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.Array,
-           num_samples: int, base: Optional[jax.Array] = None):
+           num_samples: int, base: Optional[jax.Array] = None, *,
+           axis_name: Optional[str] = None):
   """Reparametrised draws from q(x | c) for every conditioning input.
 
   z ~ N(0, I); x = G(z; c), plus ``base`` x̂₀ [B, H, W, C] when given (the flow
@@ -422,7 +425,11 @@ def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.A
   Args:
     params: the variables dict from ``flow.init`` ({"params": ...}); without
       ``base`` the image channel count is read from its shapes.
+    rng: key for z; under shard_map/pmap the same on every device.
     cond_input: [B, H, W, Cc].
+    axis_name: None under jit (B is the global batch); inside shard_map/pmap
+      the mapped batch axis: each device then draws its rows of the global z
+      (`flowdiff_jax.rng`), so samples do not depend on the device count.
   Returns:
     x [num_samples, B, H, W, C] and log q(x | c) = log N(z; 0, I) − log|det ∂x/∂z|,
     [num_samples, B]. Both are differentiable in params.
@@ -435,7 +442,10 @@ def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.A
     # acts on 2^(L+1)·C channels.
     lower = params["params"][f"steps_{flow.num_levels * flow.num_steps - 1}"]["conv"]["lower"]
     channels = lower.shape[-1] // 2**(flow.num_levels + 1)
-  z = jax.random.normal(rng, (num_samples * b, h, w, channels), jnp.float32)
+  # Drawn as [num_samples, B, ...] so that B is the sharded axis; jax draws by
+  # linear index, so flattening gives the same z as a [num_samples·B, ...] draw.
+  z = rng_lib.normal(rng, (num_samples, b, h, w, channels), jnp.float32, batch_axis=1,
+                     axis_name=axis_name).reshape((num_samples * b, h, w, channels))
   x, logdet = flow.apply(params, z, tile_samples(cond_input, num_samples), method=flow.inverse)
   log_q = standard_normal_log_prob(z) - logdet
   x = x.reshape((num_samples, b, h, w, channels))
