@@ -3,9 +3,11 @@
 What a training step sees is built in two stages:
 
 1. On the host (grain): clean uint8 images with their *dataset index*, shuffled
-   anew every epoch, sliced per JAX process, batched. Elements are
-   `{"image": uint8 [b, H, W, C], "index": int32 [b]}` with b the per-process
-   batch. The iterator's state is a few integers and goes into checkpoints.
+   anew every epoch, batched, each global batch cut into one contiguous slice
+   per JAX process. Elements are `{"image": uint8 [b, H, W, C], "index":
+   int32 [b]}` with b the per-process batch; concatenated in process order they
+   are the one-process global batch. The iterator's state is a few integers and
+   goes into checkpoints.
 2. On device (`make_prepare_fn`): images are mapped to [-1, 1] and corrupted
    with `operators.corrupt`, whose noise draw and mask depend only on
    (data.corruption_seed, index). So each training example carries one fixed
@@ -226,36 +228,74 @@ def _indexed(source, config, limit: int = 0) -> grain.MapDataset:
       lambda ex: {**ex, "image": resize(ex["image"])})
 
 
-def train_dataset(config: ml_collections.ConfigDict, source=None) -> grain.IterDataset:
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(index, count) of this JAX process, unless given (tests simulate processes)."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count}).")
+  return index, count
+
+
+def _process_batches(ds: grain.MapDataset, batch_size: int, process_index: int,
+                     process_count: int) -> grain.MapDataset:
+  """Batches of `batch_size` / process_count: this process's contiguous part of each global batch.
+
+  Local batch k of process p holds elements [k*G + p*G/n, k*G + (p+1)*G/n) of
+  `ds` (G = batch_size, n = process_count), so the processes' batches,
+  concatenated in process order as `jax.make_array_from_process_local_data`
+  does, are exactly the single-process global batch: the same examples in the
+  same order, whatever the number of hosts.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"Batch size {batch_size} does not divide over {process_count} processes.")
+  # Batching before slicing keeps each slice contiguous; the slice is lazy, so
+  # a process reads only its own records.
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  return ds[process_index::process_count]
+
+
+def train_dataset(config: ml_collections.ConfigDict, source=None, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
   """Infinite, per-epoch reshuffled training batches of this JAX process.
 
   Returns batches `{"image": uint8 [b, H, W, C], "index": int32 [b]}` with
-  b = training.batch_size / jax.process_count().
+  b = training.batch_size / process_count, this process's contiguous part of
+  each global batch (see `_process_batches`). process_index/process_count
+  default to jax's.
   """
+  process_index, process_count = _process(process_index, process_count)
   source = make_source(config, "train") if source is None else source
   ds = _indexed(source, config, limit=config.data.max_train_examples)
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat(None)
-  ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.batch(config.training.batch_size // jax.process_count(), drop_remainder=True)
+  ds = _process_batches(ds, config.training.batch_size, process_index, process_count)
   read = grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=4)
   return ds.to_iter_dataset(read)
 
 
-def eval_batches(config: ml_collections.ConfigDict, source=None) -> list[dict[str, np.ndarray]]:
+def eval_batches(config: ml_collections.ConfigDict, source=None, *,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> list[dict[str, np.ndarray]]:
   """The first data.num_eval_examples held-out images, as this process's batches.
 
-  Only whole batches of eval.batch_size are used (a ragged last batch would not
-  split over the devices).
+  Only whole global batches of eval.batch_size are used (a ragged last batch
+  would not split over the devices), each split over the processes like the
+  training batches. process_index/process_count default to jax's.
 
   Held-out images are corrupted with their own indices (and the same seed):
   they are test data, only ever used for evaluation.
   """
+  process_index, process_count = _process(process_index, process_count)
   spec = DATASETS[config.data.dataset]
   source = make_source(config, spec.eval_split) if source is None else source
-  n = min(config.data.num_eval_examples, len(source))
-  ds = _indexed(source, config, limit=n)[jax.process_index()::jax.process_count()]
-  ds = ds.batch(config.eval.batch_size // jax.process_count(), drop_remainder=True)
-  return list(ds)
+  batch = config.eval.batch_size
+  # Whole global batches only: otherwise processes could get different counts.
+  n = min(config.data.num_eval_examples, len(source)) // batch * batch
+  if n == 0:
+    return []  # (limit=0 below would mean "all")
+  ds = _indexed(source, config, limit=n)
+  return list(_process_batches(ds, batch, process_index, process_count))
 
 
 # --------------------------------------------------------------------------

@@ -6,8 +6,14 @@ r"""Command line: trains and evaluates one run.
 Without --config it runs the embedded CPU quickstart (configs/quickstart.py).
 Without --workdir it writes to workdirs/<config file name>. Rerunning the same
 command resumes from the newest checkpoint in the workdir.
+
+Many hosts: run the same command in every process (every TPU VM worker, every
+SLURM/MPI task); with --distributed=auto (the default) `distributed_reason`
+decides whether this is such a launch and jax.distributed.initialize() joins
+the processes. Elsewhere (one machine, one process) nothing is initialized.
 """
 
+from collections.abc import Mapping
 import logging as logging_std
 import os
 
@@ -24,6 +30,86 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (checkpoints, TensorBoard events, sample grids); "
     "default: workdirs/<config name>.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize() (one JAX process of several): 'auto' when the "
+    "environment is a multi-process launch (JAX_COORDINATOR_ADDRESS, a SLURM step or "
+    "Open MPI job of >1 tasks, a Cloud TPU VM), 'on' always, 'off' never.")
+
+# The variables jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py);
+# all are set in the tasks of an `srun` step, not in the batch script itself.
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def distributed_reason(mode: str, env: Mapping[str, str], on_cloud_tpu_vm: bool) -> str | None:
+  """Why this process should call jax.distributed.initialize(); None when it should not.
+
+  Args:
+    mode: the --distributed flag, "auto", "on" or "off".
+    env: the process environment.
+    on_cloud_tpu_vm: jax found libtpu and TPU chips here (set at `import jax`).
+
+  In "auto", only launches that initialize() can complete by itself count, so a
+  plain machine (one process over all its CPUs or GPUs) never waits for peers:
+  * JAX_COORDINATOR_ADDRESS set: a hand-made launch (jax reads it; JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID, read by `initialize_distributed`, give the rest where no
+    cluster does);
+  * a SLURM step or Open MPI (mpirun) job with more than one task;
+  * a Cloud TPU VM whose workers jax can list: from the GCE metadata server, or
+    TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE. A one-host slice then
+    initializes a one-process group, which costs nothing and keeps the command
+    the same for every slice size.
+  Kubernetes GPU jobs and non-Open-MPI launchers need "on" plus jax's variables.
+  """
+  if mode == "off":
+    return None
+  if mode == "on":
+    return "--distributed=on"
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']}"
+  if all(env.get(v) for v in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+    return f"SLURM job {env['SLURM_JOB_ID']}, {env['SLURM_NTASKS']} tasks"
+  if env.get("OMPI_MCA_orte_hnp_uri") and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return f"Open MPI, {env['OMPI_COMM_WORLD_SIZE']} ranks"
+  if on_cloud_tpu_vm and (env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES")
+                          or "TPU_SKIP_MDS_QUERY" not in env):
+    return "Cloud TPU VM"
+  return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # jax decides this at import (libtpu present and TPU chips on the PCI bus)
+  # without starting a backend; it has no public name.
+  try:
+    from jax._src import cloud_tpu_init
+  except ImportError:
+    return False
+  return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def initialize_distributed(mode: str) -> None:
+  """Joins the other JAX processes when `distributed_reason` says so; logs the topology.
+
+  Must run before anything starts a JAX backend (jax.devices(), any computation).
+  """
+  import jax
+
+  reason = distributed_reason(mode, os.environ, _on_cloud_tpu_vm())
+  if reason is not None:
+    # CPU processes all-reduce through gloo: jax's default in 0.10, unset in
+    # some older releases (then every cross-process CPU computation fails).
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax reads JAX_COORDINATOR_ADDRESS itself but has no variables for these two.
+    known = {arg: int(os.environ[var]) for arg, var in
+             (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+             if os.environ.get(var)}
+    jax.distributed.initialize(**known)
+  logging.info("jax.distributed %s: process %d of %d, %d local and %d global %s devices.",
+               f"initialized ({reason})" if reason else "not initialized",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
 
 
 class _QuietLibraries:
@@ -49,15 +135,13 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  import jax
+  initialize_distributed(_DISTRIBUTED.value)
 
   from flowdiff_jax import train
 
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   name = os.path.splitext(os.path.basename(config_path))[0]
   workdir = _WORKDIR.value or os.path.join("workdirs", name)
-  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
   logging.info("Config %s, workdir %s", config_path, os.path.abspath(workdir))
   train.train_and_evaluate(_CONFIG.value, workdir)
 

@@ -126,6 +126,57 @@ def test_iterator_state_resumes_the_same_batches():
     np.testing.assert_array_equal(next(resumed)["index"], want)
 
 
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_process_shards_concatenate_to_the_global_batch(num_processes):
+  """Local batches, concatenated in process order, are the 1-process batches, across epochs."""
+  n, batch, steps = 20, 8, 7  # 7 batches of 8 cross two epoch boundaries of 20
+  config = _config(batch=batch)
+  source = data.ArraySource(_images(n))
+  single = iter(data.train_dataset(config, source, process_index=0, process_count=1))
+  procs = [iter(data.train_dataset(config, source, process_index=p,
+                                   process_count=num_processes))
+           for p in range(num_processes)]
+  for _ in range(steps):
+    want = next(single)
+    local = [next(it) for it in procs]
+    assert all(len(b["index"]) == batch // num_processes for b in local)
+    for key in ("index", "image"):
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), want[key])
+
+
+def test_process_shard_resumes_from_its_state():
+  config = _config(batch=8)
+  source = data.ArraySource(_images(20))
+  it = iter(data.train_dataset(config, source, process_index=1, process_count=2))
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["index"] for _ in range(4)]
+  resumed = iter(data.train_dataset(config, source, process_index=1, process_count=2))
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["index"], want)
+
+
+def test_eval_batches_split_over_processes_like_training():
+  config = _config()
+  config.data.num_eval_examples = 20  # 2 whole global batches of 8; 4 left over
+  config.eval.batch_size = 8
+  source = data.ArraySource(_images(50))
+  single = data.eval_batches(config, source, process_index=0, process_count=1)
+  local = [data.eval_batches(config, source, process_index=p, process_count=4)
+           for p in range(4)]
+  assert [len(b) for b in local] == [2] * 4  # every process steps through the same count
+  for k, want in enumerate(single):
+    np.testing.assert_array_equal(np.concatenate([b[k]["index"] for b in local]), want["index"])
+
+
+def test_process_sharding_rejects_indivisible_batches():
+  with pytest.raises(ValueError, match="does not divide over 3 processes"):
+    data.train_dataset(_config(batch=8), data.ArraySource(_images(16)),
+                       process_index=0, process_count=3)
+
+
 def test_eval_batches_are_whole_and_fixed():
   config = _config()
   config.data.num_eval_examples = 20
