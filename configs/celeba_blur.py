@@ -9,6 +9,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.method = "flowdiff"  # --config.method=clean|naive for the baselines
   config.data.dataset = "celeb_a"
   config.data.image_size = 64
   config.operator.name = "blur"

@@ -9,6 +9,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.method = "flowdiff"  # --config.method=clean|naive for the baselines
   config.data.dataset = "cifar10"
   config.operator.name = "inpaint_random"
   config.operator.drop_prob = 0.6

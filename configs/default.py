@@ -15,9 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   #   "clean": DSM on clean images (oracle upper bound);
   #   "naive": DSM on A⁺y, the corrupted images (lower bound);
   #   "amortized": the conditional flow q(x | y) alone, against a fixed prior
-  #     (see `amortized` below).
-  # FlowDiff's joint training ("flowdiff") arrives with the FlowDiff issue.
-  config.method = "naive"
+  #     (see `amortized` below);
+  #   "flowdiff": the flow and the diffusion prior trained jointly from corrupted
+  #     data only (DESIGN 2.4; `amortized` and `flowdiff` below).
+  config.method = "flowdiff"
   # Root seed: model init and every training draw (t, ε, dropout) derive from it.
   config.seed = 0
 
@@ -78,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Score network: DDPM U-Net (ε-prediction) -------------------------------
   config.model = model = ml_collections.ConfigDict()
+  # "unet": the DDPM U-Net below. "gaussian": the exact ε-network of a Gaussian
+  # N(μ, Σ) with learnable μ, Σ (a D×D Cholesky per example, D = H·W·C: only for
+  # small images, e.g. the Gaussian oracle); the fields below are then unused.
+  model.name = "unet"
   # Channels at the first level; level i has base_channels * channel_mult[i].
   model.base_channels = 128
   # One entry per resolution; len - 1 downsamplings, so image_size must divide by 2**(len-1).
@@ -127,26 +132,48 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0))
 
-  # --- Amortized inference against a fixed prior (method "amortized") ----------
+  # --- The flow's amortized inference loss (methods "amortized" and "flowdiff") ---
   config.amortized = am = ml_collections.ConfigDict()
-  # "diffusion": the EMA score network of a finished clean/naive run (its NLL
-  # bound is −log p); "gaussian": N(mean, cov) fitted to clean training images,
-  # an oracle prior for checking the flow, not a method.
+  # "amortized" only: the fixed prior. "diffusion": the EMA score network of a
+  # finished clean/naive run (its NLL bound is −log p); "gaussian": N(mean, cov)
+  # fitted to clean training images, an oracle prior for checking the flow, not a
+  # method. ("flowdiff" always uses its own, jointly trained score network.)
   am.prior = "diffusion"
-  # Workdir of the clean/naive run whose newest checkpoint is the prior.
+  # "amortized" only: workdir of the clean/naive run whose newest checkpoint is the prior.
   am.prior_workdir = ml_collections.config_dict.placeholder(str)
   # Weights of the loss terms: data fidelity, prior NLL, log q (entropy).
   am.beta_data = 1.0
   am.beta_prior = 1.0
   am.beta_ent = 1.0
+  # β_prior rises linearly from 0 to beta_prior over this many steps (0: constant).
+  # Early in "flowdiff" the prior is untrained; the flow then starts as a
+  # likelihood + entropy posterior.
+  am.beta_prior_warmup_steps = 5000
+  # β_ent moves linearly from beta_ent_init to beta_ent over this many steps
+  # (0: constant beta_ent), e.g. entropy annealing from a wider posterior.
+  am.beta_ent_init = 1.0
+  am.beta_ent_anneal_steps = 0
   # Flow samples per observation in the loss.
   am.num_flow_samples = 1
   # (t, ε) draws per flow sample in the diffusion NLL bound.
   am.num_time_samples = 1
+  # How the bound draws t: "log_snr" (importance sampling, λ uniform: lower
+  # variance) or "uniform" (t uniform, weighted by −λ'(t)).
+  am.time_sampling = "log_snr"
+  # Gradient of the prior term through x: "exact" (through the U-Net) or "sds"
+  # (cheaper, biased: the U-Net Jacobian replaced by σ_t I; see diffusion.nll_bound).
+  am.prior_gradient = "exact"
   # Clean training images used to fit the "gaussian" prior.
   am.gaussian_fit_examples = 10_000
   # Posterior samples per held-out observation for the posterior mean/std.
   am.eval_num_samples = 16
+
+  # --- Joint training (method "flowdiff") ---------------------------------------
+  config.flowdiff = fd = ml_collections.ConfigDict()
+  # k flow updates per score-network update: the score network's gradients of k
+  # consecutive steps are averaged into one update (optax.MultiSteps); its
+  # optimiser settings are `optim`, the flow's `flow_optim`.
+  fd.flow_updates_per_score_update = 1
 
   # --- Training loop --------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()
@@ -175,5 +202,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_samples = 64
   # Batch size of the held-out evaluation.
   ev.batch_size = 256
+  # (t, ε) draws per held-out image in the NLL bound (eval/nll_bpd_clean).
+  ev.nll_time_samples = 4
 
   return config

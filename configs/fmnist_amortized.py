@@ -15,6 +15,7 @@ def get_config():
   config = fmnist_noise.get_config()
   config.method = "amortized"
   config.amortized.prior = "diffusion"
+  config.amortized.beta_prior_warmup_steps = 0  # the prior is trained already
   config.flow.num_levels = 2
   config.flow.num_steps = 4
   config.flow.hidden_channels = 32

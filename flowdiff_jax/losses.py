@@ -1,4 +1,4 @@
-"""Pure loss functions (DESIGN 2.3).
+"""Pure loss functions (DESIGN 2.2–2.4).
 
 `amortized_flow_loss` is the amortized variational-inference objective of the
 conditional flow: per observation (y, ω),
@@ -9,25 +9,52 @@ conditional flow: per observation (y, ω),
 which for β_* = 1 is KL(q_φ(· | y) ‖ p(· | y)) − log p(y) + const: minimised
 exactly when the flow is the true posterior. The prior enters only through
 ``prior_log_prob``: the analytic log-density for the Gaussian oracle (DESIGN
-2.8), later minus the diffusion ELBO bound.
+2.8), or minus the diffusion ELBO bound of a score network.
+
+`flowdiff_loss` is the joint FlowDiff objective of one train step,
+
+  total = L_flow(φ; sg θ) + L_DSM(θ; sg x),
+
+the flow's amortized loss with the score network's prior bound (θ held fixed),
+plus denoising score matching of the score network on the flow's own samples
+(x held fixed). One gradient of `total` gives each network exactly its own
+objective's gradient.
+
+Likelihood terms are reported per dimension, in nats and in bits per
+dimension (`bits_per_dim`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from flowdiff_jax import diffusion
 from flowdiff_jax.models import flow as flow_lib
+
+# Images in [-1, 1] quantised to 8 bits: a pixel bin is 2/256 wide.
+_LOG2_BINS_PER_UNIT = math.log2(256 / 2)
+
+
+def bits_per_dim(nats_per_dim: jax.Array) -> jax.Array:
+  """Negative log-density in nats/dim on [-1, 1] -> bits/dim of 8-bit images.
+
+  The usual image-likelihood unit: the density times the bin width 2/256 is
+  the probability of the pixel's 8-bit value, so bpd = nats / ln 2 + 7.
+  """
+  return nats_per_dim / math.log(2.0) + _LOG2_BINS_PER_UNIT
 
 
 def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: jax.Array,
                         y: jax.Array, omega: dict, op: Any,
                         prior_log_prob: Callable[[jax.Array], jax.Array], *,
-                        num_samples: int = 1, beta_data: float = 1.0,
-                        beta_prior: float = 1.0, beta_ent: float = 1.0,
-                        residual: bool = False):
+                        num_samples: int = 1, beta_data: float | jax.Array = 1.0,
+                        beta_prior: float | jax.Array = 1.0,
+                        beta_ent: float | jax.Array = 1.0, residual: bool = False,
+                        axis_name: str | None = None, return_samples: bool = False):
   """Monte-Carlo amortized-inference loss of the flow, per dimension.
 
   Args:
@@ -35,14 +62,21 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
     rng: key for the base draws z.
     y: observations [B, H, W, C]; omega: the operator parameters, leaves [B, ...].
     op: the forward operator (static; ``op.sigma_y`` > 0 on the [-1, 1] scale).
-    prior_log_prob: x [N, H, W, C] -> log p(x) [N]; any differentiable callable.
-    num_samples: flow samples per observation.
-    beta_data, beta_prior, beta_ent: weights of the three terms.
+    prior_log_prob: x [B·S, H, W, C] -> log p(x) [B·S]; any differentiable
+      callable. Rows are batch-major (row b·S + s is sample s of example b),
+      so a device's rows are contiguous when the batch is sharded.
+    num_samples: flow samples S per observation.
+    beta_data, beta_prior, beta_ent: weights of the three terms (scalars,
+      possibly traced: the train step schedules them).
     residual: if True the flow models x − A⁺y (base x̂₀ = op.pinv(y, omega)).
+    axis_name: the mapped axis under shard_map/pmap (None under jit): the
+      base draws are then this device's rows of the global draw.
+    return_samples: also return the samples x [B·S, H, W, C] (batch-major).
   Returns:
-    (loss, terms). Every value is averaged over samples and batch and divided by
-    D = H·W·C (nats per dimension): terms["data_fidelity"] = ‖y − Ax‖²/(2σ_y² D),
-    terms["prior_nll"] = −log p(x)/D, terms["log_q"] = log q(x | y)/D, and
+    (loss, terms), or (loss, terms, x). Every value is averaged over samples and
+    batch and divided by D = H·W·C (nats per dimension):
+    terms["data_fidelity"] = ‖y − Ax‖²/(2σ_y² D), terms["prior_nll"] = −log p(x)/D,
+    terms["log_q"] = log q(x | y)/D, and
     terms["loss"] = loss = β_data·data_fidelity + β_prior·prior_nll + β_ent·log_q.
     Gradients reach flow_params through both the samples x and log q.
   """
@@ -53,11 +87,14 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
   dims = y.shape[1] * y.shape[2] * y.shape[3]
   cond = flow_lib.conditioning_input(op, y, omega)
   base = op.pinv(y, omega) if residual else None
-  x, log_q = flow_lib.sample(flow, flow_params, rng, cond, num_samples, base=base)
-  x = x.reshape((num_samples * b,) + y.shape[1:])        # sample-major
+  x, log_q = flow_lib.sample(flow, flow_params, rng, cond, num_samples, base=base,
+                             axis_name=axis_name)
+  # [S, B, ...] -> batch-major [B·S, ...].
+  x = jnp.swapaxes(x, 0, 1).reshape((b * num_samples,) + y.shape[1:])
+  log_q = jnp.swapaxes(log_q, 0, 1).reshape(-1)
 
-  tile = lambda a: flow_lib.tile_samples(a, num_samples)     # noqa: E731
-  residual_y = tile(y) - op.apply(x, jax.tree.map(tile, omega))
+  repeat = lambda a: jnp.repeat(a, num_samples, axis=0)      # noqa: E731
+  residual_y = repeat(y) - op.apply(x, jax.tree.map(repeat, omega))
   data = jnp.sum(residual_y**2, axis=(1, 2, 3)) / (2.0 * sigma_y**2)
   prior_nll = -prior_log_prob(x)
 
@@ -67,4 +104,65 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
   loss = beta_data * data_fidelity + beta_prior * prior_term + beta_ent * log_q_term
   terms = {"data_fidelity": data_fidelity, "prior_nll": prior_term,
            "log_q": log_q_term, "loss": loss}
-  return loss, terms
+  return (loss, terms, x) if return_samples else (loss, terms)
+
+
+def diffusion_log_prob(eps_fn: diffusion.EpsFn, schedule: diffusion.VPSchedule, rng: jax.Array,
+                       *, num_time_samples: int = 1, time_sampling: str = "log_snr",
+                       gradient: str = "exact", axis_name: str | None = None):
+  """x [N, H, W, C] -> −(diffusion ELBO bound) [N], a lower bound on log p_θ(x).
+
+  The prior of the flow's loss when the prior is a diffusion model: pass
+  ``eps_fn`` with the score network's params under stop_gradient so that
+  only x receives gradients (DESIGN 2.2).
+  """
+  return lambda x: -diffusion.nll_bound(
+      eps_fn, schedule, x, rng, num_time_samples=num_time_samples,
+      time_sampling=time_sampling, gradient=gradient, axis_name=axis_name)
+
+
+def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
+                  make_eps_fn: Callable[[Any, bool], diffusion.EpsFn], score_params: Any,
+                  schedule: diffusion.VPSchedule, rng: jax.Array, y: jax.Array, omega: dict,
+                  op: Any, *, num_samples: int = 1, beta_data: float | jax.Array = 1.0,
+                  beta_prior: float | jax.Array = 1.0, beta_ent: float | jax.Array = 1.0,
+                  residual: bool = True, num_time_samples: int = 1,
+                  time_sampling: str = "log_snr", prior_gradient: str = "exact",
+                  axis_name: str | None = None):
+  """The joint FlowDiff loss: L_flow(φ; sg θ) + L_DSM(θ; sg x), per dimension.
+
+  Args:
+    flow, flow_params: the conditional flow q_φ and its variables.
+    make_eps_fn: (score params, train) -> eps_fn (x_t [N, H, W, C], t [N]) -> ε̂;
+      train=True is the training mode (dropout, keys bound by the caller) used
+      for the DSM loss, train=False the deterministic network of the prior bound.
+    score_params: the score network's params θ.
+    schedule: the diffusion schedule.
+    rng: key of this step's draws (flow base draws, prior bound, DSM).
+    y, omega, op: observations [B, H, W, C], operator parameters, operator.
+    num_samples: flow samples S per observation; the score network trains on
+      all B·S of them.
+    beta_*, residual: as in `amortized_flow_loss`.
+    num_time_samples, time_sampling, prior_gradient: of the prior bound
+      (`diffusion.nll_bound`'s num_time_samples, time_sampling, gradient).
+    axis_name: the mapped axis under shard_map/pmap, None under jit.
+  Returns:
+    (total, terms): terms has the flow's terms (`amortized_flow_loss`),
+    "flow_loss" (its weighted sum), "dsm_loss" (squared ε error per dimension
+    of the score network on the flow samples) and "loss" (= total).
+  """
+  flow_rng, prior_rng, dsm_rng = jax.random.split(rng, 3)
+  # θ̄ = sg(θ): the prior term trains the flow only.
+  frozen = make_eps_fn(jax.lax.stop_gradient(score_params), False)
+  prior = diffusion_log_prob(frozen, schedule, prior_rng, num_time_samples=num_time_samples,
+                             time_sampling=time_sampling, gradient=prior_gradient,
+                             axis_name=axis_name)
+  flow_loss, terms, x = amortized_flow_loss(
+      flow, flow_params, flow_rng, y, omega, op, prior, num_samples=num_samples,
+      beta_data=beta_data, beta_prior=beta_prior, beta_ent=beta_ent, residual=residual,
+      axis_name=axis_name, return_samples=True)
+  # sg(x): the score loss trains the score network only.
+  dsm = jnp.mean(diffusion.dsm_loss(make_eps_fn(score_params, True), schedule,
+                                    jax.lax.stop_gradient(x), dsm_rng, axis_name=axis_name))
+  total = flow_loss + dsm
+  return total, {**terms, "flow_loss": flow_loss, "dsm_loss": dsm, "loss": total}

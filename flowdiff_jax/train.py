@@ -5,7 +5,10 @@ writes what it returns and saves what it produced.
 
 Outputs under the workdir:
   checkpoints/<step>/   orbax checkpoints (state, data-iterator position, config)
-  samples/step_<step>.png   grids of samples from the EMA prior
+  samples/step_<step>.png   grids of samples from the EMA diffusion prior
+    (methods clean, naive, flowdiff)
+  posterior/step_<step>.png   rows of [observation | flow samples | mean | std |
+    clean] for held-out images (methods amortized, flowdiff)
   events.out.tfevents.*   TensorBoard scalars and images (clu metric writers)
 """
 
@@ -94,16 +97,14 @@ def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return jax.device_put(params, ts.replicated(mesh)), None
 
 
-def write_samples(state: ts.TrainState, sample_fn, rng: jax.Array, step: int,
-                  workdir: str, writer: metric_writers.MetricWriter) -> str:
-  """Samples the EMA prior (or posterior), writes a PNG grid and a TensorBoard image."""
-  samples = data.to_uint8(jax.device_get(sample_fn(state, rng)))
-  grid = evaluation.image_grid(samples, num_cols=samples.shape[0] // 8
-                               if state.objective.method == "amortized" else None)
-  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+def write_grid(images: jax.Array, step: int, workdir: str, folder: str,
+               writer: metric_writers.MetricWriter, num_cols: int | None = None) -> str:
+  """Writes images [N, H, W, C] in [-1, 1] as <workdir>/<folder>/step_<step>.png and to TensorBoard."""
+  grid = evaluation.image_grid(data.to_uint8(jax.device_get(images)), num_cols=num_cols)
+  path = os.path.join(workdir, folder, f"step_{step:07d}.png")
   if jax.process_index() == 0:
     evaluation.save_png(path, grid)
-  writer.write_images(step, {"samples": grid[None]})
+  writer.write_images(step, {folder: grid[None]})
   return path
 
 
@@ -145,25 +146,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     writer.write_hparams(dict(_flatten(config.to_dict())))
   initial_step = int(jax.device_get(state.step))
 
-  step_fn = ts.make_train_step(mesh)
-  amortized = config.method == "amortized"
-  eval_fn = ts.make_eval_step(
-      mesh, num_posterior_samples=config.amortized.eval_num_samples if amortized else 1)
+  step_fn = ts.make_train_step(config, mesh)
+  eval_fn = ts.make_eval_step(config, mesh)
+  has_flow = config.method in ts.FLOW_METHODS
+  has_score = config.method in ts.SCORE_METHODS
   tr, ev = config.training, config.eval
   eval_batches = None
-  if tr.eval_every_steps or amortized:
+  if tr.eval_every_steps or has_flow:
     eval_batches = [prepare_eval(b) for b in data.eval_batches(config)]
-  if amortized:
+  grid_fns = {}  # folder -> (jitted (state, rng) -> images, rows of its grid or None)
+  if has_flow:
     # Posterior grids of the first held-out observations.
     grid_batch = jax.tree.map(lambda a: a[:8], eval_batches[0])
-    sample_fn = jax.jit(lambda state, rng: posterior_grid(state, grid_batch, rng))
-  else:
+    grid_fns["posterior"] = (jax.jit(lambda state, rng: posterior_grid(state, grid_batch, rng)),
+                             8)
+  if has_score:
     num_samples = ev.num_samples
-    sample_fn = jax.jit(
+    grid_fns["samples"] = (jax.jit(
         functools.partial(ts.sample_prior, num_samples=num_samples, image_shape=image_shape,
                           sampler=ev.sampler, num_steps=ev.sample_steps),
         out_shardings=(ts.batch_sharding(mesh) if num_samples % jax.device_count() == 0
-                       else rep))
+                       else rep)), None)
 
   report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer)
   history = []
@@ -180,14 +183,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     if step % tr.log_every_steps == 0 or last:
       writer.write_scalars(step, _mean_metrics(history))
       history = []
-    # "amortized" always evaluates at the end: its posterior PSNR is the result.
+    # Flow methods always evaluate at the end: their posterior PSNR is a result.
     if eval_batches and ((tr.eval_every_steps and step % tr.eval_every_steps == 0) or last):
       with report.timed("eval"):
         writer.write_scalars(step, evaluate(state, eval_fn, eval_batches, eval_rng))
     if tr.sample_every_steps and (step % tr.sample_every_steps == 0 or last):
       with report.timed("sample"):
-        write_samples(state, sample_fn, jax.random.fold_in(sample_rng, step), step,
-                      workdir, writer)
+        for folder, (grid_fn, rows) in grid_fns.items():
+          images = grid_fn(state, jax.random.fold_in(sample_rng, step))
+          write_grid(images, step, workdir, folder, writer,
+                     num_cols=images.shape[0] // rows if rows else None)
     if step % tr.checkpoint_every_steps == 0 or last:
       with report.timed("checkpoint"):
         checkpoint.save(manager, state, train_iter, config)

@@ -12,16 +12,24 @@ Methods (DESIGN 2.6) handled here:
   * "naive": DSM on A⁺y, the pseudo-inverse of the corrupted observations;
   * "amortized": the conditional flow alone, trained with the amortized
     inference loss (DESIGN 2.3) against a fixed prior (a frozen diffusion
-    prior's NLL bound, or an analytic Gaussian).
+    prior's NLL bound, or an analytic Gaussian);
+  * "flowdiff": the flow and the score network trained jointly (DESIGN 2.4):
+    one gradient of L_flow(φ; sg θ) + L_DSM(θ; sg x) on the same batch.
 
 Randomness: `rng` is the run's root training key; the step folds in
 `state.step`, so a resumed run draws exactly what an uninterrupted one would.
+Per-example draws come from `flowdiff_jax.rng`: under shard_map/pmap a device
+takes its rows of the global draw, so every form of the step computes the same
+update as `jax.jit` on the global batch (up to float reduction order). The
+U-Net's dropout masks are the exception: they are drawn per device, so with
+dropout > 0 the forms agree in distribution, not in value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -33,13 +41,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flowdiff_jax import diffusion, evaluation, losses, operators
 from flowdiff_jax.models import flow as flow_lib
+from flowdiff_jax.models import gaussian
 from flowdiff_jax.models import unet
 
-METHODS = ("clean", "naive", "amortized")
+METHODS = ("clean", "naive", "amortized", "flowdiff")
 # Batch keys each method reads; the training program removes the others.
-METHOD_INPUTS = {"clean": ("x",), "naive": ("y", "omega"), "amortized": ("y", "omega")}
+METHOD_INPUTS = {"clean": ("x",), "naive": ("y", "omega"), "amortized": ("y", "omega"),
+                 "flowdiff": ("y", "omega")}
+# Methods that train the conditional flow, and those that train a score network.
+FLOW_METHODS = ("amortized", "flowdiff")
+SCORE_METHODS = ("clean", "naive", "flowdiff")
 # Fixed priors of the amortized method.
 PRIORS = ("diffusion", "gaussian")
+# Score-network families (config.model.name): the DDPM U-Net, or the exact
+# ε-network of a Gaussian (for the Gaussian oracle; small images only).
+SCORE_MODELS = ("unet", "gaussian")
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -55,12 +71,18 @@ class Objective:
     operator: the forward operator A_ω with its σ_y.
     ema_decay: decay of the parameter EMA.
     score_net: the ε-prediction U-Net (the frozen prior's, for "amortized").
-    flow: the conditional flow q_φ(x | y, ω) ("amortized" only).
-    prior: "diffusion" (the frozen score_net's NLL bound) or "gaussian"
-      (analytic N(mean, scale_tril scale_trilᵀ)); "amortized" only.
-    beta_data, beta_prior, beta_ent: weights of the amortized loss terms.
+    flow: the conditional flow q_φ(x | y, ω) ("amortized", "flowdiff").
+    prior: "diffusion" (the score_net's NLL bound: frozen for "amortized", the
+      jointly trained one for "flowdiff") or "gaussian" (analytic
+      N(mean, scale_tril scale_trilᵀ); "amortized" only).
+    beta_data, beta_prior, beta_ent: weights of the amortized loss terms (the
+      values after their schedules' warm-up / annealing).
+    beta_prior_warmup_steps: β_prior rises linearly from 0 over these steps.
+    beta_ent_init, beta_ent_anneal_steps: β_ent moves linearly from
+      beta_ent_init to beta_ent over these steps.
     num_flow_samples: flow samples per observation in the loss.
     num_time_samples: (t, ε) draws per sample in the diffusion NLL bound.
+    time_sampling, prior_gradient: of the NLL bound (`diffusion.nll_bound`).
     residual: the flow models x − A⁺y rather than x.
   """
   method: str
@@ -73,9 +95,23 @@ class Objective:
   beta_data: float = 1.0
   beta_prior: float = 1.0
   beta_ent: float = 1.0
+  beta_prior_warmup_steps: int = 0
+  beta_ent_init: float = 1.0
+  beta_ent_anneal_steps: int = 0
   num_flow_samples: int = 1
   num_time_samples: int = 1
+  time_sampling: str = "log_snr"
+  prior_gradient: str = "exact"
   residual: bool = True
+
+  def loss_weights(self, step: jax.Array) -> dict[str, jax.Array]:
+    """β_data, β_prior, β_ent at `step` (the number of updates applied so far)."""
+    ramp = lambda start, end, steps: optax.linear_schedule(start, end, steps)(step)  # noqa: E731
+    return {"beta_data": jnp.float32(self.beta_data),
+            "beta_prior": (ramp(0.0, self.beta_prior, self.beta_prior_warmup_steps)
+                           if self.beta_prior_warmup_steps else jnp.float32(self.beta_prior)),
+            "beta_ent": (ramp(self.beta_ent_init, self.beta_ent, self.beta_ent_anneal_steps)
+                         if self.beta_ent_anneal_steps else jnp.float32(self.beta_ent))}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -84,7 +120,7 @@ class TrainState(flax.struct.PyTreeNode):
   Attributes:
     step: int32 scalar, number of updates applied.
     params: {"score": U-Net params} for "clean"/"naive"; {"flow": flow variables,
-      "prior": frozen prior params} for "amortized".
+      "prior": frozen prior params} for "amortized"; {"flow", "score"} for "flowdiff".
     ema_params: exponential moving average of `params`, used for evaluation.
     opt_state: optax state of `tx`.
     tx: the optimiser over the whole `params` tree (one transform per network).
@@ -98,18 +134,31 @@ class TrainState(flax.struct.PyTreeNode):
   objective: Objective = flax.struct.field(pytree_node=False)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and optional global-norm clipping."""
-  lr = optax.linear_schedule(0.0, optim.learning_rate, max(1, optim.warmup_steps))
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   every_k_steps: int = 1) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and optional global-norm clipping.
+
+  every_k_steps > 1 averages the gradients of k consecutive steps and updates
+  once (optax.MultiSteps); in between the params and the optimiser state stay
+  as they are.
+  """
+  lr = (optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+        if optim.warmup_steps else optim.learning_rate)
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if every_k_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=every_k_steps).gradient_transformation()
+  return tx
 
 
-def _score_net(config: ml_collections.ConfigDict, channels: int) -> unet.UNet:
+def _score_net(config: ml_collections.ConfigDict, channels: int):
+  name = config.model.get("name", "unet")
+  if name == "gaussian":
+    return gaussian.GaussianScore(schedule=diffusion.make_schedule(config.diffusion))
   # The time embedding sees t * T, as DDPM's network saw its integer steps.
   return unet.unet_from_config(config.model, channels=channels).clone(
       time_scale=float(config.diffusion.num_timesteps))
@@ -125,18 +174,40 @@ def make_objective(config: ml_collections.ConfigDict, channels: int,
                   operator=operators.make_operator(config.operator),
                   ema_decay=float(config.optim.ema_decay),
                   score_net=_score_net(net_config, channels))
-  if config.method != "amortized":
+  if config.method not in FLOW_METHODS:
     return obj
   am = config.amortized
   return dataclasses.replace(
-      obj, flow=flow_lib.flow_from_config(config.flow), prior=am.prior,
+      obj, flow=flow_lib.flow_from_config(config.flow),
+      prior="diffusion" if config.method == "flowdiff" else am.prior,
       beta_data=float(am.beta_data), beta_prior=float(am.beta_prior),
-      beta_ent=float(am.beta_ent), num_flow_samples=int(am.num_flow_samples),
-      num_time_samples=int(am.num_time_samples), residual=bool(config.flow.residual))
+      beta_ent=float(am.beta_ent), beta_prior_warmup_steps=int(am.beta_prior_warmup_steps),
+      beta_ent_init=float(am.beta_ent_init), beta_ent_anneal_steps=int(am.beta_ent_anneal_steps),
+      num_flow_samples=int(am.num_flow_samples), num_time_samples=int(am.num_time_samples),
+      time_sampling=am.time_sampling, prior_gradient=am.prior_gradient,
+      residual=bool(config.flow.residual))
 
 
 def _images_shape(batch: Batch) -> tuple[int, int, int]:
   return (batch["x"] if "x" in batch else batch["y"]).shape[1:]
+
+
+def _init_flow(obj: Objective, rng: jax.Array, batch: Batch) -> Any:
+  """Flow variables; ActNorm initialises on the batch's observations."""
+  op = obj.operator
+  cond = flow_lib.conditioning_input(op, batch["y"], batch["omega"])
+  # ActNorm initialises on the first batch of what the flow models: x − A⁺y
+  # with the residual base, else images near A⁺y.
+  pinv = op.pinv(batch["y"], batch["omega"])
+  noise_rng, init_rng = jax.random.split(rng)
+  spread = 0.1 * jax.random.normal(noise_rng, pinv.shape)  # a guess of the posterior's scale
+  target = spread if obj.residual else pinv + spread
+  return obj.flow.init(init_rng, target, cond)
+
+
+def _init_score(obj: Objective, rng: jax.Array, shape: tuple[int, int, int]) -> Any:
+  x = jnp.zeros((1, *shape), jnp.float32)
+  return obj.score_net.init(rng, x, jnp.zeros((1,)), train=False)["params"]
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample_batch: Batch,
@@ -160,21 +231,21 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample
   if config.method == "amortized":
     if prior_params is None:
       raise ValueError("method 'amortized' needs prior_params (a frozen prior)")
-    op = obj.operator
-    cond = flow_lib.conditioning_input(op, sample_batch["y"], sample_batch["omega"])
-    # ActNorm initialises on the first batch of what the flow models: x − A⁺y
-    # with the residual base, else images near A⁺y.
-    pinv = op.pinv(sample_batch["y"], sample_batch["omega"])
-    noise_rng, init_rng = jax.random.split(rng)
-    spread = 0.1 * jax.random.normal(noise_rng, pinv.shape)  # a guess of the posterior's scale
-    target = spread if obj.residual else pinv + spread
-    params = {"flow": obj.flow.init(init_rng, target, cond), "prior": prior_params}
+    params = {"flow": _init_flow(obj, rng, sample_batch), "prior": prior_params}
     tx = optax.multi_transform(
         {"flow": make_optimizer(config.flow_optim), "prior": optax.set_to_zero()},
         {"flow": "flow", "prior": "prior"})
+  elif config.method == "flowdiff":
+    flow_rng, score_rng = jax.random.split(rng)
+    params = {"flow": _init_flow(obj, flow_rng, sample_batch),
+              "score": _init_score(obj, score_rng, shape)}
+    score_every = int(config.flowdiff.flow_updates_per_score_update)
+    tx = optax.multi_transform(
+        {"flow": make_optimizer(config.flow_optim),
+         "score": make_optimizer(config.optim, every_k_steps=score_every)},
+        {"flow": "flow", "score": "score"})
   else:
-    x = jnp.zeros((1, *shape), jnp.float32)
-    params = {"score": obj.score_net.init(rng, x, jnp.zeros((1,)), train=False)["params"]}
+    params = {"score": _init_score(obj, rng, shape)}
     tx = optax.multi_transform({"score": make_optimizer(config.optim)}, {"score": "score"})
   # The EMA gets its own buffers: params and ema_params are donated separately.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -198,7 +269,8 @@ def _dsm_input(objective: Objective, batch: Batch) -> jax.Array:
   raise ValueError(f"method={objective.method!r} has no DSM input")
 
 
-def prior_log_prob(obj: Objective, prior_params: Any, rng: jax.Array):
+def prior_log_prob(obj: Objective, prior_params: Any, rng: jax.Array, *,
+                   axis_name: str | None = None):
   """x [N, H, W, C] -> log p(x) [N] of the fixed prior (a bound for "diffusion").
 
   The prior's params are held fixed (stop_gradient); gradients reach x only.
@@ -212,9 +284,9 @@ def prior_log_prob(obj: Objective, prior_params: Any, rng: jax.Array):
       return (-0.5 * jnp.sum(w * w, axis=0) - jnp.sum(jnp.log(jnp.diag(tril)))
               - 0.5 * d.shape[-1] * jnp.log(2 * jnp.pi))
     return log_prob
-  eps_fn = _eps_fn(obj, prior_params)
-  return lambda x: -diffusion.nll_bound(eps_fn, obj.schedule, x, rng,
-                                        num_time_samples=obj.num_time_samples)
+  return losses.diffusion_log_prob(
+      _eps_fn(obj, prior_params), obj.schedule, rng, num_time_samples=obj.num_time_samples,
+      time_sampling=obj.time_sampling, gradient=obj.prior_gradient, axis_name=axis_name)
 
 
 def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -222,65 +294,116 @@ def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
-def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
-               axis_name: str | None = None) -> tuple[TrainState, Metrics]:
-  """One update of the score network.
+def make_loss_fn(obj: Objective, batch: Batch, step: jax.Array, rng: jax.Array,
+                 axis_name: str | None = None):
+  """The method's loss as a function of all params: params -> (loss, terms).
 
-  Args:
-    state: the current TrainState.
-    batch: {"x": [B, H, W, C]} for "clean"; {"y": [B, H, W, C], "omega": {...}}
-      for "naive"; images in [-1, 1].
-    rng: the run's root training key (the step index is folded in here).
-    axis_name: name of a mapped axis (pmap / shard_map) to average over; None
-      under jit, where the batch is global.
-
-  Returns:
-    The new state and scalar metrics, averaged over the global batch:
-    "train/dsm_loss" (squared ε error per dimension) and "train/grad_norm"
-    (global norm of the averaged gradient, before clipping).
+  `rng` is the step's key (the root key with the step folded in); `step` sets
+  the β schedules. terms are per-dimension scalars (see `train_step`). Its
+  gradient is what `train_step` applies, before averaging over `axis_name`.
   """
-  obj = state.objective
-  rng = jax.random.fold_in(rng, state.step)
-  if axis_name is not None:
-    # Each shard is a different part of the batch: it needs its own draws.
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  loss_rng, dropout_rng, prior_rng = jax.random.split(rng, 3)
+  loss_rng, dropout_rng = jax.random.split(rng)
 
-  if obj.method == "amortized":
+  def make_eps_fn(score_params, train):
+    return _eps_fn(obj, score_params, train=train, dropout_rng=dropout_rng)
+
+  if obj.method == "flowdiff":
+    weights = obj.loss_weights(step)
+
     def loss_fn(params):
-      return losses.amortized_flow_loss(
-          obj.flow, params["flow"], loss_rng, batch["y"], batch["omega"], obj.operator,
-          prior_log_prob(obj, params["prior"], prior_rng),
-          num_samples=obj.num_flow_samples, beta_data=obj.beta_data,
-          beta_prior=obj.beta_prior, beta_ent=obj.beta_ent, residual=obj.residual)
+      loss, terms = losses.flowdiff_loss(
+          obj.flow, params["flow"], make_eps_fn, params["score"], obj.schedule, loss_rng,
+          batch["y"], batch["omega"], obj.operator, num_samples=obj.num_flow_samples,
+          residual=obj.residual, num_time_samples=obj.num_time_samples,
+          time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient,
+          axis_name=axis_name, **weights)
+      return loss, {**terms, **weights}
+  elif obj.method == "amortized":
+    weights = obj.loss_weights(step)
+
+    def loss_fn(params):
+      flow_rng, prior_rng = jax.random.split(loss_rng)
+      loss, terms = losses.amortized_flow_loss(
+          obj.flow, params["flow"], flow_rng, batch["y"], batch["omega"], obj.operator,
+          prior_log_prob(obj, params["prior"], prior_rng, axis_name=axis_name),
+          num_samples=obj.num_flow_samples, residual=obj.residual, axis_name=axis_name,
+          **weights)
+      return loss, {**terms, **weights}
   else:
     x = _dsm_input(obj, batch)
 
     def loss_fn(params):
-      eps_fn = _eps_fn(obj, params["score"], train=True, dropout_rng=dropout_rng)
-      loss = jnp.mean(diffusion.dsm_loss(eps_fn, obj.schedule, x, loss_rng))
+      loss = jnp.mean(diffusion.dsm_loss(make_eps_fn(params["score"], True), obj.schedule, x,
+                                         loss_rng, axis_name=axis_name))
       return loss, {"dsm_loss": loss}
+  return loss_fn
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+def _device_varying(tree: Any, axis_name: str) -> Any:
+  """Marks replicated leaves as varying over `axis_name` (a no-op for the values).
+
+  Under shard_map, autodiff sums the gradient of a replicated input over the
+  axis by itself; the gradient of a varying copy is this device's own, as
+  under pmap, so the explicit pmean below gives the mean in both.
+  """
+  def cast(x):
+    if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+               axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+  """One update of every network the method trains.
+
+  Args:
+    state: the current TrainState.
+    batch: {"x": [B, H, W, C]} for "clean"; {"y": [B, H, W, C], "omega": {...}}
+      for the methods that see only corrupted data; images in [-1, 1].
+    rng: the run's root training key (the step index is folded in here).
+    axis_name: name of a mapped axis (shard_map / pmap) to average gradients
+      and metrics over; None under jit, where the batch is global.
+
+  Returns:
+    The new state and scalar metrics, averaged over the global batch, all
+    prefixed "train/". Losses are per dimension (nats for likelihood terms):
+      clean/naive: dsm_loss (squared ε error), grad_norm;
+      amortized: data_fidelity, prior_nll, log_q, loss, the β weights in use,
+        prior_nll_bpd and posterior_entropy_bpd (bits/dim, `losses.bits_per_dim`),
+        grad_norm;
+      flowdiff: the amortized terms plus dsm_loss (the score network on the
+        flow's samples), flow_loss, loss (the sum), grad_norm_flow and
+        grad_norm_score.
+    Gradient norms are of the averaged gradient, before clipping.
+  """
+  obj = state.objective
+  rng = jax.random.fold_in(rng, state.step)
+  loss_fn = make_loss_fn(obj, batch, state.step, rng, axis_name)
+  params = state.params if axis_name is None else _device_varying(state.params, axis_name)
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
-    terms = jax.lax.pmean(terms, axis_name)
+    grads, terms = jax.lax.pmean((grads, terms), axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - obj.ema_decay)
   new_state = state.replace(step=state.step + 1, params=params,
                             ema_params=ema_params, opt_state=opt_state)
   metrics = {f"train/{k}": v for k, v in terms.items()}
-  metrics["train/grad_norm"] = optax.global_norm(grads)
-  if obj.method == "amortized":
-    # Likelihood terms also in bits per dimension.
-    metrics["train/prior_nll_bpd"] = terms["prior_nll"] / jnp.log(2.0)
+  if obj.method == "flowdiff":
+    metrics["train/grad_norm_flow"] = optax.global_norm(grads["flow"])
+    metrics["train/grad_norm_score"] = optax.global_norm(grads["score"])
+  else:
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+  if obj.method in FLOW_METHODS:
+    metrics["train/prior_nll_bpd"] = losses.bits_per_dim(terms["prior_nll"])
+    metrics["train/posterior_entropy_bpd"] = losses.bits_per_dim(-terms["log_q"])
   return new_state, metrics
 
 
 def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
-                      num_samples: int) -> jax.Array:
-  """Draws [num_samples, B, H, W, C] from the flow's q(x | y, ω) ("amortized").
+                      num_samples: int, *, axis_name: str | None = None) -> jax.Array:
+  """Draws [num_samples, B, H, W, C] from the flow's q(x | y, ω) ("amortized", "flowdiff").
 
   The flow's current params are used: the EMA (decay tuned for the score
   network's long runs) would lag a flow trained for a few thousand steps.
@@ -289,34 +412,50 @@ def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
   y, omega = batch["y"], batch["omega"]
   cond = flow_lib.conditioning_input(obj.operator, y, omega)
   base = obj.operator.pinv(y, omega) if obj.residual else None
-  x, _ = flow_lib.sample(obj.flow, state.params["flow"], rng, cond, num_samples, base=base)
+  x, _ = flow_lib.sample(obj.flow, state.params["flow"], rng, cond, num_samples, base=base,
+                         axis_name=axis_name)
   return x
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
-              axis_name: str | None = None, num_posterior_samples: int = 16) -> Metrics:
+              axis_name: str | None = None, num_posterior_samples: int = 16,
+              nll_time_samples: int = 1) -> Metrics:
   """Held-out metrics; `batch` has "x", "y", "omega" ([B, H, W, C]).
 
-  "clean"/"naive": eval/dsm_loss_clean, the DSM loss of the EMA score network
-  on *clean* images (comparable across methods: how well each prior fits
-  clean data).
-  "amortized": PSNR (dB, images in [-1, 1]) against the clean images of the
-  posterior mean of `num_posterior_samples` flow samples, of the observation y
-  and of A⁺y, and the mean per-pixel posterior std.
+  Methods with a trained score network ("clean", "naive", "flowdiff"), using
+  its EMA params, on the *clean* held-out images (comparable across methods:
+  how well each prior fits clean data):
+    eval/dsm_loss_clean: the DSM loss (squared ε error per dimension);
+    eval/nll_bpd_clean: the diffusion ELBO bound on −log p(x) in bits/dim
+      (`losses.bits_per_dim`), `nll_time_samples` draws per image.
+  Methods with a flow ("amortized", "flowdiff"): PSNR (dB, images in [-1, 1])
+  against the clean images of the posterior mean of `num_posterior_samples`
+  flow samples (eval/psnr_posterior_mean), of the observation y and of A⁺y,
+  and the mean per-pixel posterior std.
   """
   obj = state.objective
   x = batch["x"]
-  if obj.method != "amortized":
-    per_example = diffusion.dsm_loss(_eps_fn(obj, state.ema_params["score"]), obj.schedule,
-                                     x, rng)
-    return {"eval/dsm_loss_clean": _mean(per_example, axis_name)}
-  samples = posterior_samples(state, batch, rng, num_posterior_samples)
-  mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
-  pinv = obj.operator.pinv(batch["y"], batch["omega"])
-  return {"eval/psnr_posterior_mean": _mean(evaluation.psnr(mean, x), axis_name),
-          "eval/psnr_observation": _mean(evaluation.psnr(batch["y"], x), axis_name),
-          "eval/psnr_pinv": _mean(evaluation.psnr(pinv, x), axis_name),
-          "eval/posterior_std": _mean(std, axis_name)}
+  metrics = {}
+  if obj.method in SCORE_METHODS:
+    dsm_rng, nll_rng = jax.random.split(jax.random.fold_in(rng, 0))
+    eps_fn = _eps_fn(obj, state.ema_params["score"])
+    dsm = diffusion.dsm_loss(eps_fn, obj.schedule, x, dsm_rng, axis_name=axis_name)
+    nll = diffusion.nll_bound(eps_fn, obj.schedule, x, nll_rng,
+                              num_time_samples=nll_time_samples, axis_name=axis_name)
+    metrics["eval/dsm_loss_clean"] = _mean(dsm, axis_name)
+    metrics["eval/nll_bpd_clean"] = _mean(
+        losses.bits_per_dim(nll / math.prod(x.shape[1:])), axis_name)
+  if obj.method in FLOW_METHODS:
+    samples = posterior_samples(state, batch, jax.random.fold_in(rng, 1),
+                                num_posterior_samples, axis_name=axis_name)
+    mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+    pinv = obj.operator.pinv(batch["y"], batch["omega"])
+    metrics.update({
+        "eval/psnr_posterior_mean": _mean(evaluation.psnr(mean, x), axis_name),
+        "eval/psnr_observation": _mean(evaluation.psnr(batch["y"], x), axis_name),
+        "eval/psnr_pinv": _mean(evaluation.psnr(pinv, x), axis_name),
+        "eval/posterior_std": _mean(std, axis_name)})
+  return metrics
 
 
 def sample_prior(state: TrainState, rng: jax.Array, num_samples: int,
@@ -353,14 +492,31 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def make_train_step(mesh: jax.sharding.Mesh):
-  """`train_step` jitted over `mesh`: batch sharded on "data", state replicated and donated."""
+def _check_batch_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  for field, size in (("training.batch_size", config.training.batch_size),
+                      ("eval.batch_size", config.eval.batch_size)):
+    if size % mesh.size:
+      raise ValueError(f"config.{field}={size} does not split over the mesh's {mesh.size} "
+                       f"devices; allowed: multiples of {mesh.size}")
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`train_step` jitted over `mesh`: batch sharded on "data", state replicated and donated.
+
+  Returns a function (state, batch, rng) -> (state, metrics) for global arrays
+  (`batch_sharding(mesh)` for the batch, `replicated(mesh)` for the rest). The
+  state passed in is donated: use the returned one.
+  """
+  _check_batch_splits(config, mesh)
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                  donate_argnums=0)
 
 
-def make_eval_step(mesh: jax.sharding.Mesh, num_posterior_samples: int = 16):
+def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`eval_step` jitted over `mesh`, with the config's posterior and NLL sample counts."""
+  _check_batch_splits(config, mesh)
   rep, data = replicated(mesh), batch_sharding(mesh)
-  step = functools.partial(eval_step, num_posterior_samples=num_posterior_samples)
+  step = functools.partial(eval_step, num_posterior_samples=config.amortized.eval_num_samples,
+                           nll_time_samples=config.eval.nll_time_samples)
   return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=rep)

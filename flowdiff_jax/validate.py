@@ -13,7 +13,7 @@ import ml_collections
 
 from flowdiff_jax import diffusion, operators
 from flowdiff_jax.models.flow import COUPLINGS
-from flowdiff_jax.train_step import METHODS, PRIORS
+from flowdiff_jax.train_step import FLOW_METHODS, METHODS, PRIORS, SCORE_MODELS
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a")
 NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "celeb_a": 64}
@@ -111,6 +111,13 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if not isinstance(t_min, (int, float)) or not 0.0 < t_min < 1.0:
     _fail("diffusion.t_min", t_min, "must lie in (0, 1)")
 
+  _choice(config, "model.name", SCORE_MODELS)
+  if config.model.name == "gaussian":
+    channels = 1 if config.data.dataset in ("fashion_mnist", "mnist") else 3
+    dims = size * size * channels
+    if dims > 1024:
+      _fail("model.name", "gaussian", f"needs a {dims}×{dims} Cholesky per example; it is "
+            "meant for small images (H·W·C <= 1024); allowed here: unet")
   # U-Net: every level must be reachable by halving, and GroupNorm must divide channels.
   mult = tuple(config.model.channel_mult)
   if not mult or any(not isinstance(m, int) or m <= 0 for m in mult):
@@ -146,7 +153,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     _fail("optim.ema_decay", ema, "must lie in [0, 1)")
 
   # Conditional flow and amortized inference.
-  if config.method == "amortized":
+  if config.method in FLOW_METHODS:
     for field in ("num_levels", "num_steps", "hidden_channels", "cond_channels"):
       _positive(config, f"flow.{field}", integer=True)
     _choice(config, "flow.coupling", COUPLINGS)
@@ -155,15 +162,23 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
             f"the image size {size} must be divisible by 2**num_levels")
     _optimizer(config, "flow_optim")
     _positive(config, "operator.sigma_y")  # the flow's likelihood divides by σ_y²
+    _choice(config, "amortized.time_sampling", diffusion.TIME_SAMPLINGS)
+    _choice(config, "amortized.prior_gradient", diffusion.PRIOR_GRADIENTS)
+    _positive(config, "amortized.beta_ent_init", strict=False)
+    for field in ("beta_prior_warmup_steps", "beta_ent_anneal_steps"):
+      _positive(config, f"amortized.{field}", strict=False, integer=True)
+    for field in ("beta_data", "beta_prior", "beta_ent"):
+      _positive(config, f"amortized.{field}", strict=False)
+    for field in ("num_flow_samples", "num_time_samples", "eval_num_samples"):
+      _positive(config, f"amortized.{field}", integer=True)
+  if config.method == "flowdiff":
+    _positive(config, "flowdiff.flow_updates_per_score_update", integer=True)
+  if config.method == "amortized":
     _choice(config, "amortized.prior", PRIORS)
     if config.amortized.prior == "diffusion" and not config.amortized.prior_workdir:
       _fail("amortized.prior_workdir", config.amortized.prior_workdir,
             "the diffusion prior needs the workdir of a finished clean or naive run")
-    for field in ("beta_data", "beta_prior", "beta_ent"):
-      _positive(config, f"amortized.{field}", strict=False)
-    for field in ("num_flow_samples", "num_time_samples", "gaussian_fit_examples",
-                  "eval_num_samples"):
-      _positive(config, f"amortized.{field}", integer=True)
+    _positive(config, "amortized.gaussian_fit_examples", integer=True)
 
   # Training loop.
   _positive(config, "training.batch_size", integer=True)
@@ -185,6 +200,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _positive(config, "eval.sample_steps", integer=True)
   _positive(config, "eval.num_samples", integer=True)
   _positive(config, "eval.batch_size", integer=True)
+  _positive(config, "eval.nll_time_samples", integer=True)
   if config.data.num_eval_examples < config.eval.batch_size:
     _fail("data.num_eval_examples", config.data.num_eval_examples,
           f"must be at least eval.batch_size={config.eval.batch_size} "

@@ -71,7 +71,8 @@ def test_command_line_overrides():
     ("operator.sigma_y", -0.1, "config.operator.sigma_y=-0.1: must be a number >= 0"),
     ("data.dataset", "imagenet", "allowed: fashion_mnist, mnist, cifar10, celeb_a"),
     ("operator.name", "deblur", "allowed: denoise, blur, inpaint_random, inpaint_box"),
-    ("method", "ambient", "config.method='ambient': unknown value; allowed: clean, naive"),
+    ("method", "ambient",
+     "config.method='ambient': unknown value; allowed: clean, naive, amortized, flowdiff"),
     ("diffusion.kind", "sigmoid", "allowed: linear, cosine"),
     ("eval.sampler", "euler", "allowed: ancestral, ddim, heun"),
     ("model.channel_mult", (1, 2, 2, 2), "image size divisible by 8, but the image size is 28"),
@@ -79,9 +80,16 @@ def test_command_line_overrides():
     ("operator.drop_prob", 1.5, "config.operator.drop_prob=1.5"),
     ("optim.ema_decay", 1.0, "config.optim.ema_decay=1.0"),
     ("training.batch_size", 0, "config.training.batch_size=0"),
+    ("model.name", "mlp", "config.model.name='mlp': unknown value; allowed: unet, gaussian"),
+    ("amortized.time_sampling", "normal", "allowed: log_snr, uniform"),
+    ("amortized.prior_gradient", "approx", "allowed: exact, sds"),
+    ("amortized.beta_prior_warmup_steps", -1, "config.amortized.beta_prior_warmup_steps=-1"),
+    ("flowdiff.flow_updates_per_score_update", 0,
+     "config.flowdiff.flow_updates_per_score_update=0: must be an integer > 0"),
 ])
 def test_bad_values_name_the_field_and_allowed_values(field, value, message):
   config = tiny.get_config()
+  config.method = "flowdiff"
   section, _, name = field.rpartition(".")
   node = config[section] if section else config
   node[name] = value

@@ -39,7 +39,7 @@ def _leaves(state):
 
 
 @pytest.mark.parametrize("method", ["clean", "naive"])
-def test_method_runs_end_to_end(method, tmp_path, mock_fashion_mnist):
+def test_diffusion_method_runs_end_to_end(method, tmp_path, mock_fashion_mnist):
   state = train.train_and_evaluate(_tiny(method), str(tmp_path))
   assert int(state.step) == 4
   assert all(np.isfinite(x).all() for x in _leaves(state))
@@ -55,8 +55,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, mock_fashion_mn
   # Second run: "killed" on the host at step 3, after the step-2 checkpoint.
   make_step = ts.make_train_step
 
-  def dying_make_train_step(mesh):
-    step_fn = make_step(mesh)
+  def dying_make_train_step(config, mesh):
+    step_fn = make_step(config, mesh)
 
     def step(state, batch, rng):
       if int(state.step) == 2:
@@ -107,32 +107,12 @@ def test_users_cifar_command_fails_fast_offline(tmp_path):
   assert elapsed < 120, f"took {elapsed:.0f}s"
 
 
-def test_step_on_one_and_four_devices_agree():
-  """Same global batch and key: the sharded step on 4 devices matches 1 device."""
-  config = _tiny("naive")
-  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1, maxval=1)
-  batch = {"y": x, "omega": {}}
-  state0 = jax.device_get(ts.create_train_state(config, jax.random.key(0), batch))
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:4]):
-    mesh = ts.make_mesh(devices)
-    state = jax.device_put(state0, ts.replicated(mesh))  # fresh buffers: the step donates them
-    b = jax.device_put(batch, ts.batch_sharding(mesh))
-    new_state, metrics = ts.make_train_step(mesh)(state, b, jax.random.key(2))
-    results.append(jax.device_get((metrics, new_state.params)))
-  (m1, p1), (m4, p4) = results
-  assert len(jax.devices()) >= 4
-  np.testing.assert_allclose(m1["train/dsm_loss"], m4["train/dsm_loss"], rtol=1e-5)
-  np.testing.assert_allclose(m1["train/grad_norm"], m4["train/grad_norm"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_corrupted_data_methods_never_see_clean_images():
   mesh = ts.make_mesh(jax.devices()[:1])
   raw = {"image": np.zeros((8, 28, 28, 1), np.uint8), "index": np.arange(8, dtype=np.int32)}
-  naive = train._make_prepare(_tiny("naive"), mesh, for_eval=False)(raw)
-  assert set(naive) == {"y", "omega"}
+  for method in ("naive", "amortized", "flowdiff"):
+    batch = train._make_prepare(_tiny(method), mesh, for_eval=False)(raw)
+    assert set(batch) == {"y", "omega"}, method
   clean = train._make_prepare(_tiny("clean"), mesh, for_eval=False)(raw)
   assert set(clean) == {"x"}
 
@@ -153,7 +133,18 @@ def test_amortized_with_a_gaussian_prior_runs_end_to_end(tmp_path, mock_fashion_
   assert int(state.step) == 4
   assert set(state.params) == {"flow", "prior"}
   assert all(np.isfinite(x).all() for x in _leaves(state))
-  assert os.path.exists(tmp_path / "samples" / "step_0000004.png")
+  assert os.path.exists(tmp_path / "posterior" / "step_0000004.png")
+  assert not os.path.exists(tmp_path / "samples")  # no trained prior to sample
+
+
+def test_flowdiff_runs_end_to_end(tmp_path, mock_fashion_mnist):
+  config = _tiny("flowdiff")
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4
+  assert set(state.params) == {"flow", "score"}
+  assert all(np.isfinite(x).all() for x in _leaves(state))
+  for folder in ("samples", "posterior"):  # prior samples and posterior grids
+    assert os.path.exists(tmp_path / folder / "step_0000004.png")
 
 
 def test_amortized_keeps_a_diffusion_prior_from_a_clean_run_frozen(tmp_path, mock_fashion_mnist):
