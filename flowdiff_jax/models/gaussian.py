@@ -49,6 +49,40 @@ def params_from_mean_and_covariance(mean: jax.Array, covariance: jax.Array) -> d
   return {"mean": jnp.asarray(mean, jnp.float32), "scale_tril_raw": raw}
 
 
+def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+  """A⁻¹ b for SPD A [B, D, D] and b [B, D], by Cholesky in plain JAX ops.
+
+  Not jnp.linalg.cholesky: jaxlib's batched LAPACK kernels split the batch
+  over XLA's intra-op thread pool and wait for it from inside that pool; with
+  several such ops in flight on a 2-thread pool (two devices, or two
+  concurrent thunks) every thread waits and the program deadlocks (seen with
+  jaxlib 0.10.2). D is small here, so column-by-column loops cost nothing.
+  """
+  d = a.shape[-1]
+  idx = jnp.arange(d)
+
+  def column(j, low):
+    row = low[:, j, :]                                   # L[j, :j] (zeros beyond)
+    diag = jnp.sqrt(a[:, j, j] - jnp.sum(row * row, axis=-1))
+    col = (a[:, :, j] - jnp.einsum("bik,bk->bi", low, row)) / diag[:, None]
+    col = jnp.where(idx > j, col, jnp.where(idx == j, diag[:, None], 0.0))
+    return low.at[:, :, j].set(col)
+
+  low = jax.lax.fori_loop(0, d, column, jnp.zeros_like(a))
+
+  def forward(j, y):   # L y = b
+    y_j = (b[:, j] - jnp.sum(low[:, j, :] * y, axis=-1)) / low[:, j, j]
+    return y.at[:, j].set(y_j)
+
+  def backward(i, x):  # Lᵀ x = y, from the last row up
+    j = d - 1 - i
+    x_j = (y[:, j] - jnp.sum(low[:, :, j] * x, axis=-1)) / low[:, j, j]
+    return x.at[:, j].set(x_j)
+
+  y = jax.lax.fori_loop(0, d, forward, jnp.zeros_like(b))
+  return jax.lax.fori_loop(0, d, backward, jnp.zeros_like(b))
+
+
 class GaussianScore(nn.Module):
   """eps_hat of N(mu, Sigma) data: (x_t [B,H,W,C], t [B] in [0,1]) -> eps_hat [B,H,W,C].
 
@@ -81,7 +115,5 @@ class GaussianScore(nn.Module):
     alpha, sigma = self.schedule.alpha_sigma(t)
     c_t = (alpha**2)[:, None, None] * cov + (sigma**2)[:, None, None] * jnp.eye(dims)
     resid = x_t.reshape(batch, dims).astype(jnp.float32) - alpha[:, None] * mean.reshape(1, dims)
-    chol = jnp.linalg.cholesky(c_t)
-    sol = jax.scipy.linalg.cho_solve((chol, True), resid[..., None])[..., 0]
-    eps_hat = sigma[:, None] * sol
+    eps_hat = sigma[:, None] * _spd_solve(c_t, resid)
     return eps_hat.reshape(x_t.shape).astype(x_t.dtype)
