@@ -5,8 +5,8 @@
 writes OUT_DIR/<method>.npz: for each form, the metrics and the flattened
 params and optimiser state after one step from test_flowdiff's initial state,
 batch and key. A
-separate process so that a deadlock of jax 0.10's CPU runtime in these
-collectives (intermittent on a 2-core machine) is a timeout, not a hung suite.
+separate process so that a hang in a collective is a timeout of one test,
+not a blocked suite.
 """
 
 import functools

@@ -2,8 +2,9 @@
 
 Gradient routing checked by finite differences, the jit / sharded-jit /
 shard_map / pmap forms computing the same update, the β schedules and the
-score network's update period, and a Gaussian oracle check of the prior term
-inside the joint step.
+score network's update period, and the Gaussian oracle: from corrupted
+samples of N(μ, Σ), the FlowDiff prior's covariance is closer to Σ than the
+naive model's.
 """
 
 import functools
@@ -18,7 +19,6 @@ import pytest
 
 from configs import default, tiny
 from flowdiff_jax import oracle, train_step as ts
-from flowdiff_jax.models import gaussian
 
 _SIZE = 8
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -65,22 +65,16 @@ _FORM_METHODS = ("naive", "flowdiff")
 
 @pytest.fixture(scope="module")
 def manual_forms(tmp_path_factory):
-  """Runs tests/manual_forms.py once for both methods; its output folder, or a skip reason.
+  """Runs tests/manual_forms.py once for both methods (2 devices); its output folder.
 
-  The shard_map and pmap forms (2 devices) run in a subprocess: jax 0.10's
-  CPU runtime intermittently deadlocks in their collectives on a loaded
-  2-core machine (not seen with jax 0.12). A timeout skips on jax < 0.12 and
-  fails otherwise.
+  A subprocess, with a timeout, so that a hang in a collective fails this
+  test instead of blocking the suite (the batched LAPACK deadlock fixed in
+  models/gaussian.py first showed up here).
   """
   out = tmp_path_factory.mktemp("forms")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  try:
-    subprocess.run([sys.executable, os.path.join(_TESTS, "manual_forms.py"), str(out),
-                    *_FORM_METHODS], cwd=_TESTS, env=env, check=True, timeout=180)
-  except subprocess.TimeoutExpired:
-    if tuple(map(int, jax.__version__.split(".")[:2])) < (0, 12):
-      return None
-    raise
+  subprocess.run([sys.executable, os.path.join(_TESTS, "manual_forms.py"), str(out),
+                  *_FORM_METHODS], cwd=_TESTS, env=env, check=True, timeout=600)
   return out
 
 
@@ -111,9 +105,6 @@ def test_jit_sharded_shard_map_and_pmap_forms_agree(method, manual_forms):
       jax.device_put(batch, ts.batch_sharding(mesh)), rng))
   check("jit on 4 devices", metrics, jax.tree.leaves((state.params, state.opt_state)))
 
-  if manual_forms is None:
-    pytest.skip("shard_map/pmap step deadlocked in jax's CPU runtime (known with jax 0.10); "
-                "the jit forms were checked")
   forms = np.load(manual_forms / f"{method}.npz")
   for form in ("shard_map", "pmap"):
     metrics = {k.split("|")[2]: forms[k] for k in forms if k.startswith(f"{form}|metric|")}
@@ -216,13 +207,14 @@ _H = 4
 
 
 def oracle_config(method: str, operator: str, steps: int):
+  """The settings of experiments/gaussian/run.py (its flow, optimisers, β_prior warm-up)."""
   config = default.get_config()
   config.method = method
   config.seed = 0
   config.model.name = "gaussian"
-  config.operator.update(name=operator, sigma_y=0.3, drop_prob=0.5)
-  config.flow.update(num_levels=2, num_steps=2, hidden_channels=16, cond_channels=16)
-  config.flow_optim.update(learning_rate=3e-3, warmup_steps=100, grad_clip_norm=0.0)
+  config.operator.update(name=operator, sigma_y=0.2, drop_prob=0.5)
+  config.flow.update(num_levels=1, num_steps=4, hidden_channels=32, cond_channels=16)
+  config.flow_optim.update(learning_rate=2e-3, warmup_steps=100, grad_clip_norm=0.0)
   config.optim.update(learning_rate=3e-3, warmup_steps=100, grad_clip_norm=0.0,
                       ema_decay=0.99)
   config.amortized.update(num_time_samples=4, beta_prior_warmup_steps=steps // 4)
@@ -230,14 +222,12 @@ def oracle_config(method: str, operator: str, steps: int):
   return config
 
 
-def train_on(config, data, *, seed: int = 0, score_params=None):
+def train_on(config, data, *, seed: int = 0):
   """Trains with the public API in a plain loop; returns the final state."""
   n = data["y"].shape[0]
   order = np.random.default_rng(seed)
   take = lambda idx: jax.tree.map(lambda a: a[idx], data)  # noqa: E731
   state = ts.create_train_state(config, _key(config.seed), take(np.arange(256)))
-  if score_params is not None:
-    state = state.replace(params={**state.params, "score": score_params})
   step_fn = jax.jit(ts.train_step, donate_argnums=0)
   rng = _key(config.seed + 1)
   for _ in range(config.training.num_train_steps):
@@ -245,35 +235,24 @@ def train_on(config, data, *, seed: int = 0, score_params=None):
   return state
 
 
-def test_gaussian_oracle_prior_term_pulls_the_flow_to_the_true_posterior():
-  """Inside the joint step, the prior bound makes the flow's posteriors those of the prior.
+def test_gaussian_oracle_flowdiff_beats_naive():
+  """From corrupted samples of N(μ, Σ), FlowDiff's prior is closer to Σ than naive's.
 
-  4×4 images x ~ N(μ, Σ), denoising with σ_y = 0.2, 4096 fixed observations.
-  The score network (the exact Gaussian family) is set to the true (μ, Σ) and
-  frozen (learning rate ~0); the flow trains with the flowdiff step. If its
-  posteriors are right, its samples pooled over all observations are
-  distributed as the data, N(μ, Σ). Without the prior term (β_prior = 0) the
-  flow can only learn N(y, σ_y² I), whose pooled covariance is Σ + 2σ_y² I.
-
-  Measured (2000 steps): pooled covariance error 0.12 with the prior term,
-  0.44 without. NB the full oracle, the score network learnt jointly from
-  the corrupted data, does not yet beat `naive` at CI length: see
-  experiments/gaussian/.
+  4×4 images, denoising with σ_y = 0.2, 4096 examples with one fixed
+  corruption each; both methods use the exact Gaussian ε-network family
+  (model.name="gaussian"), so the comparison measures the training method,
+  not network capacity; same data, steps (4000) and optimiser. The error is
+  ‖Ĉ − Σ‖_F/‖Σ‖_F of 4000 samples of the EMA prior (Heun, 100 steps): naive
+  converges to ≈ 0.25 (it learns Σ + σ_y² I); FlowDiff, an EM-like
+  alternation, is slower: ≈ 0.26 at step 2000, 0.19 at 3500 in
+  experiments/gaussian (the longer version, with the masked case).
   """
   mu, sigma = oracle.gaussian_problem(_H)
   errors = {}
-  for beta_prior in (1.0, 0.0):
-    config = oracle_config("flowdiff", "denoise", steps=2000)
-    config.operator.sigma_y = 0.2
-    config.optim.learning_rate = 1e-12
-    config.amortized.update(beta_prior=beta_prior, beta_prior_warmup_steps=0)
+  for method in ("naive", "flowdiff"):
+    config = oracle_config(method, "denoise", steps=4000)
     _, data = oracle.corrupted_data(config, mu, sigma, 4096)
-    state = train_on(config, data, score_params=gaussian.params_from_mean_and_covariance(
-        jnp.asarray(mu.reshape(_H, _H, 1), jnp.float32), jnp.asarray(sigma, jnp.float32)))
-    take = jax.tree.map(lambda a: a[:2048], data)
-    x = ts.posterior_samples(state, take, _key(5), 4)
-    pooled = np.cov(np.asarray(x, np.float64).reshape(-1, _H * _H).T)
-    errors[beta_prior] = oracle.relative_error(pooled, sigma)
-  print(f"pooled posterior covariance error by beta_prior: {errors}")
-  assert errors[1.0] < 0.25, errors
-  assert errors[0.0] > 2 * errors[1.0], errors
+    state = train_on(config, data)
+    errors[method] = oracle.relative_error(oracle.prior_covariance(state, (_H, _H, 1)), sigma)
+  print(f"relative covariance error {errors}")
+  assert errors["flowdiff"] < 0.85 * errors["naive"], errors
