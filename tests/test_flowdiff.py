@@ -139,7 +139,7 @@ def test_gradient_routing_by_finite_differences():
   (so a leak would be seen).
   """
   config, batch = _config(), _batch()
-  config.amortized.num_time_samples = 1
+  config.amortized.update(num_time_samples=1, beta_prior_warmup_steps=0)  # β_prior = 1 now
   state = _state(config, batch)
   loss_fn = jax.jit(ts.make_loss_fn(state.objective, batch, state.step, _key(3)))
   params = jax.tree.map(jnp.asarray, state.params)
