@@ -154,6 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   eval_batches = None
   if tr.eval_every_steps or has_flow:
     eval_batches = [prepare_eval(b) for b in data.eval_batches(config)]
+    if not eval_batches:
+      raise ValueError(f"No held-out batch of eval.batch_size={ev.batch_size}: the "
+                       f"{config.data.dataset} test split has fewer images than that; "
+                       "lower eval.batch_size (and data.num_eval_examples).")
   grid_fns = {}  # folder -> (jitted (state, rng) -> images, rows of its grid or None)
   if has_flow:
     # Posterior grids of the first held-out observations.

@@ -83,8 +83,11 @@ def test_cifar_noise_config_trains_on_mock_cifar(tmp_path, monkeypatch):
   config = cifar_noise.get_config()
   config.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                       attn_resolutions=(16,), num_groups=4)
+  config.flow.update(num_steps=1, hidden_channels=8, cond_channels=4)  # flowdiff: CPU-sized
   config.training.update(batch_size=8, num_train_steps=2, eval_every_steps=0,
                          sample_every_steps=0)
+  config.data.num_eval_examples = 8  # the final posterior evaluation on mock test images
+  config.eval.batch_size = 8
   with tfds.testing.mock_data(num_examples=16):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
