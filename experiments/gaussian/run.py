@@ -66,7 +66,9 @@ def main():
   args = parser.parse_args()
   jax.config.update("jax_threefry_partitionable", True)
   mu, sigma = oracle.gaussian_problem(args.size)
-  results = {"args": vars(args), "curves": {}, "wall_s": {}}
+  # Paths relative to the working directory, not this machine's absolute ones.
+  results = {"args": {**vars(args), "out": os.path.relpath(args.out)}, "curves": {},
+             "wall_s": {}}
   for operator in args.operators.split(","):
     for method in ("naive", "flowdiff"):
       start = time.time()
