@@ -148,6 +148,21 @@ def test_flowdiff_runs_end_to_end(tmp_path, mock_fashion_mnist):
   assert all(np.isfinite(x).all() for x in _leaves(state))
   for folder in ("samples", "posterior"):  # prior samples and posterior grids
     assert os.path.exists(tmp_path / folder / "step_0000004.png")
+  _assert_load_run_restores(tmp_path, config, state)
+
+
+def _assert_load_run_restores(workdir, config, state):
+  """checkpoint.load_run, used by the tools that take a trained run, gives back the final state."""
+  from flowdiff_jax import checkpoint
+
+  loaded_config, loaded = checkpoint.load_run(str(workdir))
+  assert loaded_config.method == config.method
+  assert loaded_config.to_dict() == config.to_dict()
+  assert int(loaded.step) == int(state.step)
+  for a, b in zip(_leaves(loaded), _leaves(state), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FileNotFoundError, match="at step 3"):
+    checkpoint.load_run(str(workdir), step=3)
 
 
 def test_amortized_keeps_a_diffusion_prior_from_a_clean_run_frozen(tmp_path, mock_fashion_mnist):
@@ -167,6 +182,7 @@ def test_amortized_keeps_a_diffusion_prior_from_a_clean_run_frozen(tmp_path, moc
       jax.tree.leaves(jax.device_get(state.params["flow"])),
       jax.tree.leaves(jax.device_get(state.ema_params["flow"])))]
   assert any(moved)
+  _assert_load_run_restores(tmp_path / "posterior", config, state)
 
 
 def test_amortized_without_a_prior_checkpoint_says_what_to_do(tmp_path, mock_fashion_mnist):
