@@ -14,13 +14,24 @@ What a training step sees is built in two stages:
    corruption, identical in every epoch, on any device count and after a resume
    (DESIGN 2.5). Methods that must not see clean images get no `"x"` key.
 
-Sources, tried in this order for each dataset:
+Sources, tried in this order for each tfds dataset:
 * Fashion-MNIST: the idx files of the Debian package `dataset-fashion-mnist`
   (`data.fmnist_idx_dir`), fully offline.
 * Any dataset: a prepared tfds copy under `data.data_dir`, read with
   `tfds.data_source` (array_record, random access, no TensorFlow needed).
 * Otherwise tfds downloads and prepares it; when the download host cannot be
   reached, `DatasetUnavailableError` says so within seconds.
+
+Measurements in files (`data.dataset` "npz" or "folder", `flowdiff_jax.measurements`)
+take the same pipeline with elements `{"y": float32 [H, W, C] (model units),
+"mask": float32 [H, W, 1] (masking operators), "index"}`: no clean image and no
+corruption draw; the measurement *is* the fixed corruption. `prepare_batch`
+passes y through and puts the mask into omega. Evaluation batches also carry
+the clean reference "x" when `data.reference_path` gives one.
+
+Data that do not fit the config (wrong shape, dtype or range, an empty split,
+an unreadable file) raise `DataError`, naming the file or field and what was
+expected.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flowdiff_jax import operators
+from flowdiff_jax import measurements, operators
+from flowdiff_jax.measurements import DataError  # noqa: F401  (re-exported: the data errors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +96,15 @@ class DatasetUnavailableError(RuntimeError):
   """The dataset is neither available locally nor downloadable from here."""
 
 
+def is_measured(config: ml_collections.ConfigDict) -> bool:
+  """Whether the data are measurements read from files (no clean images, no corruption draw)."""
+  return config.data.dataset in measurements.KINDS
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the images the models see."""
+  if is_measured(config):
+    return measurements.image_shape(config)
   spec = DATASETS[config.data.dataset]
   size = config.data.image_size or spec.native_size
   return (size, size, spec.channels)
@@ -97,13 +116,26 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def read_idx_images(path: str) -> np.ndarray:
-  """Reads a (gzipped) idx3 image file into uint8 [N, H, W, 1]."""
+  """Reads a (gzipped) idx3 image file into uint8 [N, H, W, 1]; DataError if it is not one."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
-  magic, n, h, w = np.frombuffer(raw[:16], dtype=">u4")
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise DataError(f"Cannot read {path}: {type(e).__name__}: {e}; the file is damaged (expected "
+                    "a gzipped idx3 image file).") from e
+  if len(raw) < 16:
+    raise DataError(f"{path} is not an idx3 image file: {len(raw)} bytes, shorter than its "
+                    "16-byte header.")
+  magic, n, h, w = (int(v) for v in np.frombuffer(raw[:16], dtype=">u4"))
   if magic != 2051:
-    raise ValueError(f"{path} is not an idx3 image file (magic number {magic}).")
+    raise DataError(f"{path} is not an idx3 image file (magic number {magic}; expected 2051: "
+                    "unsigned bytes, 3 dimensions).")
+  if n == 0:
+    raise DataError(f"{path} holds no images (its header says 0); expected N >= 1.")
+  if len(raw) - 16 != n * h * w:
+    raise DataError(f"{path} is truncated or damaged: its header says {n} images of {h}x{w} "
+                    f"({n * h * w} bytes), the file has {len(raw) - 16} bytes of pixels.")
   images = np.frombuffer(raw, dtype=np.uint8, offset=16)
   return images.reshape(n, h, w, 1)
 
@@ -122,16 +154,44 @@ class ArraySource:
 
 
 class _TfdsImages:
-  """Keeps only the image of a tfds data source record (labels are never used)."""
+  """Keeps only the image of a tfds data source record (labels are never used).
 
-  def __init__(self, source: Sequence[dict[str, Any]]):
+  Each record is checked: uint8 [H, W, C] with the dataset's channel count,
+  and the native size where images are not resized. A damaged record (or a
+  wrong one) raises DataError naming the dataset, split, record and place.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], name: str = "", split: str = "",
+               where: str = ""):
     self._source = source
+    self._what = f"record {{}} of {name!r} split {split!r} in {where or 'its data_dir'}"
+    self._spec = DATASETS.get(name)
+    self._resized = name == "celeb_a"  # the one dataset whose images are cropped and resized
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"image": np.asarray(self._source[index]["image"])}
+    what = self._what.format(index)
+    try:
+      image = np.asarray(self._source[index]["image"])
+    except Exception as e:  # array_record/tfds raise many types for damaged files
+      raise DataError(f"Cannot read {what}: {type(e).__name__}: {e}; the prepared files may be "
+                      "damaged: delete that dataset folder and prepare it again.") from e
+    if self._spec is not None:
+      check_image(image, what, self._spec, self._resized)
+    return {"image": image}
+
+
+def check_image(image: np.ndarray, what: str, spec: DatasetSpec, resized: bool = False) -> None:
+  """DataError unless `image` is uint8 [H, W, spec.channels] (of the native size unless resized)."""
+  if image.dtype != np.uint8:
+    raise DataError(f"{what}: image dtype {image.dtype}; expected uint8 (0..255).")
+  side = spec.native_size
+  expected = "[H, W, %d]" % spec.channels if resized else f"[{side}, {side}, {spec.channels}]"
+  if image.ndim != 3 or image.shape[-1] != spec.channels or (
+      not resized and image.shape[:2] != (side, side)):
+    raise DataError(f"{what}: image shape {image.shape}; expected {expected}.")
 
 
 def _download_reachable(url: str, timeout_s: float = 5.0) -> bool:
@@ -145,7 +205,7 @@ def _download_reachable(url: str, timeout_s: float = 5.0) -> bool:
   return True
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None):
+def _tfds_source(name: str, split: str, data_dir: str | None, idx_dir: str = ""):
   import tensorflow_datasets as tfds  # heavy; only the training program needs it
 
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -155,24 +215,45 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
     if not _download_reachable(spec.probe_url):
       looked = [f"tfds data_dir {builder.data_dir!r} (not prepared)"]
       if name == "fashion_mnist":
-        looked.insert(0, "idx files in data.fmnist_idx_dir")
+        idx = os.path.join(idx_dir, _IDX_FILES[split])
+        looked.insert(0, f"the idx file {idx} (data.fmnist_idx_dir; not there)" if idx_dir
+                      else "no idx file (data.fmnist_idx_dir is empty)")
       raise DatasetUnavailableError(
           f"Dataset {name!r} is not available: looked in {', '.join(looked)}, "
           f"and its download host ({spec.probe_url}) cannot be reached. "
           f"To provide it: {spec.how_to_get}.")
-  return tfds.data_source(name, split=split, data_dir=data_dir, download=True,
-                          builder_kwargs={"file_format": "array_record"})
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=True,
+                              builder_kwargs={"file_format": "array_record"})
+  except Exception as e:  # tfds raises many types for damaged or partial copies
+    raise DataError(f"Cannot open split {split!r} of {name!r} in tfds data_dir "
+                    f"{builder.data_dir!r}: {type(e).__name__}: {e}. The prepared files may be "
+                    "damaged or incomplete: delete that folder and prepare it again.") from e
+  if len(source) == 0:
+    raise DataError(f"Split {split!r} of {name!r} in tfds data_dir {builder.data_dir!r} is "
+                    "empty; expected at least one example.")
+  return source, builder.data_dir
 
 
 def make_source(config: ml_collections.ConfigDict, split: str):
-  """A random-access source of {"image": uint8 [H, W, C]} for `split`."""
+  """A random-access source for `split`.
+
+  tfds datasets give {"image": uint8 [H, W, C]}; measurement files
+  (`is_measured`) give {"y", "mask"} and, for evaluation, the reference "x"
+  (see `measurements.make_source`).
+  """
+  if is_measured(config):
+    return measurements.make_source(config, split)
   name = config.data.dataset
   idx_dir = config.data.get("fmnist_idx_dir") or ""
   if name == "fashion_mnist" and idx_dir:
     path = os.path.join(idx_dir, _IDX_FILES[split])
     if os.path.exists(path):
-      return ArraySource(read_idx_images(path))
-  return _TfdsImages(_tfds_source(name, split, config.data.get("data_dir")))
+      images = read_idx_images(path)
+      check_image(images[0], f"{path} (images)", DATASETS[name])
+      return ArraySource(images)
+  source, where = _tfds_source(name, split, config.data.get("data_dir"), idx_dir)
+  return _TfdsImages(source, name, split, where)
 
 
 def _resize_fn(config: ml_collections.ConfigDict):
@@ -223,9 +304,11 @@ class _Indexed:
 
 
 def _indexed(source, config, limit: int = 0) -> grain.MapDataset:
+  ds = grain.MapDataset.source(_Indexed(source, limit))
+  if is_measured(config):
+    return ds  # measurements are never resized (it would change their noise and operator)
   resize = _resize_fn(config)
-  return grain.MapDataset.source(_Indexed(source, limit)).map(
-      lambda ex: {**ex, "image": resize(ex["image"])})
+  return ds.map(lambda ex: {**ex, "image": resize(ex["image"])})
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -287,11 +370,17 @@ def eval_batches(config: ml_collections.ConfigDict, source=None, *,
   they are test data, only ever used for evaluation.
   """
   process_index, process_count = _process(process_index, process_count)
-  spec = DATASETS[config.data.dataset]
-  source = make_source(config, spec.eval_split) if source is None else source
+  if source is None:
+    split = "eval" if is_measured(config) else DATASETS[config.data.dataset].eval_split
+    source = make_source(config, split)
   batch = config.eval.batch_size
   # Whole global batches only: otherwise processes could get different counts.
   n = min(config.data.num_eval_examples, len(source)) // batch * batch
+  if n == 0 and is_measured(config):
+    raise DataError(
+        f"data.path={config.data.path!r}: {len(source)} measurements for evaluation "
+        f"(see measurements.eval_range), fewer than eval.batch_size={batch}; lower "
+        "eval.batch_size (a multiple of the device count).")
   if n == 0:
     return []  # (limit=0 below would mean "all")
   ds = _indexed(source, config, limit=n)
@@ -318,16 +407,26 @@ def prepare_batch(raw: dict[str, jax.Array], op: operators.Operator, corruption_
   """Raw batch -> what a train or eval step consumes.
 
   Args:
-    raw: {"image": uint8 [B, H, W, C], "index": int32 [B]}.
+    raw: {"image": uint8 [B, H, W, C], "index": int32 [B]} (clean images, to
+      corrupt here), or measurements {"y": float32 [B, H, W, C], "index": [B]}
+      with "mask": [B, H, W, 1] for masking operators and, in evaluation
+      batches with a reference set, "x": [B, H, W, C].
     op: the forward operator.
-    corruption_seed: data.corruption_seed.
+    corruption_seed: data.corruption_seed (unused for measurements).
     keep_clean: whether the clean images go into the batch (the `clean` method
-      and evaluation); corrupted-data methods never see them.
+      and evaluation); corrupted-data methods never see them. Measurements
+      have "x" only where a reference set was given.
 
   Returns:
     {"y": [B, H, W, C], "omega": operator parameters (e.g. {"mask": [B, H, W, 1]}),
-     "index": [B]} plus "x": [B, H, W, C] when keep_clean.
+     "index": [B]} plus "x": [B, H, W, C] when keep_clean (and there is one).
   """
+  if "y" in raw:
+    omega = {"mask": jnp.asarray(raw["mask"], jnp.float32)} if "mask" in raw else {}
+    batch = {"y": jnp.asarray(raw["y"], jnp.float32), "omega": omega, "index": raw["index"]}
+    if keep_clean and "x" in raw:
+      batch["x"] = jnp.asarray(raw["x"], jnp.float32)
+    return batch
   x = to_model_range(raw["image"])
   measured = operators.corrupt(op, x, raw["index"], corruption_seed)
   batch = {"y": measured.pop("y"), "omega": measured, "index": raw["index"]}
@@ -341,3 +440,52 @@ def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding) 
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str | None = None,
+                   *, write: bool = True) -> ml_collections.ConfigDict:
+  """Fills in what measurement files decide, in place, before validation; a no-op for tfds data.
+
+  For `data.dataset` "npz"/"folder": reads and checks every file (DataError
+  names the file), sets `data.image_size` and `data.channels` from them (or
+  checks that set values match), and estimates σ_y with
+  `measurements.estimate_sigma_y`. The estimate is always logged and written
+  to `<workdir>/sigma_y_estimate.json` (when `write`); it replaces
+  `operator.sigma_y` when `data.estimate_sigma_y` is true. The resolved config
+  is the one saved in checkpoints, so `checkpoint.load_run` and the export
+  need no files to know the shapes and σ_y.
+
+  Returns:
+    `config` (modified in place).
+  """
+  if not is_measured(config):
+    return config
+  from absl import logging  # noqa: PLC0415
+
+  m = measurements.load(config)
+  h, w, c = m.image_shape
+  for field, found in (("image_size", h), ("channels", c)):
+    stated = config.data.get(field, 0)
+    if stated and stated != found:
+      raise DataError(
+          f"config.data.{field}={stated}, but the measurements in {config.data.path} have "
+          f"{found} ({h}x{w}x{c}); set data.{field}=0 (from the files) or {found}. "
+          "Measurements are never resized: that would change their noise and operator.")
+  config.data.image_size, config.data.channels = h, c
+  configured = float(config.operator.sigma_y)
+  use = bool(config.data.get("estimate_sigma_y", False))
+  report = measurements.sigma_report(m, configured, use)
+  if use and not report["reliable"]:
+    raise DataError(
+        f"data.estimate_sigma_y=True, but only {report['blocks_used']} fully observed 2x2 "
+        f"blocks exist in {config.data.path} (at least {measurements.MIN_SIGMA_BLOCKS} "
+        "needed): σ_y cannot be estimated from these data; set operator.sigma_y instead.")
+  if use:
+    config.operator.sigma_y = report["sigma_y_estimate"]
+  logging.info("σ_y of %s: Haar-MAD estimate %.4g ([-1, 1] scale; %.4g in file units, %d "
+               "blocks); using %s = %.4g.", config.data.path, report["sigma_y_estimate"],
+               report["sigma_y_estimate_file_units"], report["blocks_used"],
+               "the estimate" if use else "operator.sigma_y", report["sigma_y_used"])
+  if write and workdir is not None:
+    measurements.write_json(os.path.join(workdir, "sigma_y_estimate.json"), report)
+  return config

@@ -323,3 +323,38 @@ def corrupt(op: Operator, x: jax.Array, index: jax.Array, seed: Any) -> dict[str
     return dict(y=y, **omega)
 
   return jax.vmap(one)(x, jnp.asarray(index, jnp.int32))
+
+
+def measured_dims(x_shape: tuple[int, ...], omega: Omega) -> jax.Array:
+  """Number of measured dimensions per example, float32 [B], for images of shape [B, H, W, C].
+
+  H·W·C for operators without a mask; (observed pixels)·C with omega["mask"].
+  """
+  b, h, w, c = x_shape
+  if "mask" in omega:
+    return jnp.sum(omega["mask"].astype(jnp.float32), axis=(1, 2, 3)) * c
+  return jnp.full((b,), h * w * c, jnp.float32)
+
+
+def residual_ratio(op: Operator, y: jax.Array, omega: Omega, x: jax.Array) -> jax.Array:
+  """Data consistency of images x with their measurements: ‖y − A_ω x‖² / (m σ_y²), [..., B].
+
+  y: [B, H, W, C]; x: [B, H, W, C] or [S, B, H, W, C] (S posterior samples);
+  m: the example's number of measured dimensions (`measured_dims`).
+
+  Needs no ground truth. For x drawn from the exact posterior p(x | y), the
+  pair (x, y) has the joint law of (clean image, measurement), so y − A x has
+  the law of the noise and the ratio averages to 1 over a data set, whatever
+  the prior. Well below 1: the samples fit the noise; well above 1: they
+  ignore the data (or σ_y is too small). The posterior *mean* sits closer to y
+  than the samples do, so its ratio is below 1 (for denoising with a Gaussian
+  prior of variance s², σ_y² / (s² + σ_y²) on average).
+  """
+  batched = x.reshape((-1,) + y.shape[1:])
+  n = batched.shape[0] // y.shape[0]
+  tile = lambda a: jnp.broadcast_to(a[None], (n,) + a.shape).reshape((-1,) + a.shape[1:])  # noqa: E731
+  y_t, omega_t = tile(y), jax.tree.map(tile, omega)
+  r = y_t - op.apply(batched, omega_t)
+  sq = jnp.sum(jnp.square(r), axis=(1, 2, 3))
+  ratio = sq / (measured_dims(batched.shape, omega_t) * jnp.square(op.sigma_y))
+  return ratio.reshape(x.shape[:-4] + (y.shape[0],))

@@ -30,6 +30,11 @@ def test_every_config_file_is_valid(path):
     with pytest.raises(ConfigError, match="config.amortized.prior_workdir=None"):
       validate_config(config)
     config.amortized.prior_workdir = "workdirs/fmnist_clean"
+  if config.data.dataset in ("npz", "folder"):
+    # The measurements are the user's to give.
+    with pytest.raises(ConfigError, match="config.data.path=None"):
+      validate_config(config)
+    config.data.path = "my_measurements/"
   validate_config(config)
 
 

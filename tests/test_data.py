@@ -229,3 +229,105 @@ def test_tfds_mock_data_source(monkeypatch):
     assert len(source) == 12
     example = source[3]["image"]
   assert example.shape == (32, 32, 3) and example.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------
+# Bad data: each message names the file or field, what was expected and found.
+# ---------------------------------------------------------------------------
+
+
+def _idx(path, images, n=None):
+  n = len(images) if n is None else n
+  header = np.array([2051, n, *images.shape[1:3]], dtype=">u4").tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(header + images.astype(np.uint8).tobytes())
+
+
+def test_idx_truncated_damaged_or_empty_file_is_named(tmp_path):
+  truncated = str(tmp_path / "truncated.gz")
+  _idx(truncated, np.zeros((4, 7, 6)), n=5)
+  with pytest.raises(data.DataError, match=r"truncated.gz is truncated or damaged: its header "
+                     r"says 5 images of 7x6 \(210 bytes\), the file has 168"):
+    data.read_idx_images(truncated)
+  damaged = tmp_path / "damaged.gz"
+  damaged.write_bytes(b"\x1f\x8b\x08\x00garbage")
+  with pytest.raises(data.DataError, match=f"Cannot read {damaged}.*damaged"):
+    data.read_idx_images(str(damaged))
+  empty = str(tmp_path / "empty.gz")
+  _idx(empty, np.zeros((0, 7, 6)))
+  with pytest.raises(data.DataError, match="empty.gz holds no images"):
+    data.read_idx_images(empty)
+  short = tmp_path / "short"
+  short.write_bytes(b"\x00\x00\x08")
+  with pytest.raises(data.DataError, match="shorter than its 16-byte header"):
+    data.read_idx_images(str(short))
+
+
+def test_idx_images_of_the_wrong_shape_name_the_file(tmp_path):
+  _idx(str(tmp_path / "train-images-idx3-ubyte.gz"), np.zeros((3, 32, 32)))
+  config = tiny.get_config()
+  config.data.fmnist_idx_dir = str(tmp_path)
+  with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz \(images\): image shape "
+                     r"\(32, 32, 1\); expected \[28, 28, 1\]"):
+    data.make_source(config, "train")
+
+
+def test_missing_local_fashion_mnist_names_the_idx_file(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: False)
+  config = tiny.get_config()
+  config.data.fmnist_idx_dir = str(tmp_path / "idx")
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    data.make_source(config, "test")
+  message = str(err.value)
+  assert f"the idx file {tmp_path / 'idx' / 't10k-images-idx3-ubyte.gz'}" in message
+  assert str(tmp_path / "tfds") in message and "dataset-fashion-mnist" in message
+
+
+@pytest.mark.parametrize("image, found, expected", [
+    (np.zeros((32, 32, 3), np.float32), "image dtype float32", "expected uint8"),
+    (np.zeros((28, 28, 3), np.uint8), r"image shape \(28, 28, 3\)", r"expected \[32, 32, 3\]"),
+    (np.zeros((32, 32, 1), np.uint8), r"image shape \(32, 32, 1\)", r"expected \[32, 32, 3\]"),
+])
+def test_tfds_record_of_wrong_dtype_or_shape_is_named(image, found, expected):
+  records = [{"image": np.zeros((32, 32, 3), np.uint8)}, {"image": image}]
+  source = data._TfdsImages(records, "cifar10", "train", "/data/tfds/cifar10/3.0.2")
+  assert source[0]["image"].shape == (32, 32, 3)
+  with pytest.raises(data.DataError, match=f"record 1 of 'cifar10' split 'train' in "
+                     f"/data/tfds/cifar10/3.0.2: {found}; {expected}"):
+    source[1]
+
+
+def test_tfds_damaged_record_is_named():
+  class Damaged:
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, index):
+      raise RuntimeError("array_record: corrupted chunk")
+
+  source = data._TfdsImages(Damaged(), "mnist", "test", "/data/tfds/mnist/3.0.1")
+  with pytest.raises(data.DataError, match=r"Cannot read record 2 of 'mnist' split 'test' in "
+                     r"/data/tfds/mnist/3.0.1: RuntimeError: array_record: corrupted chunk"):
+    source[2]
+
+
+def test_tfds_empty_split_or_unopenable_files_name_the_place(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  monkeypatch.setattr(data, "_download_reachable", lambda url, timeout_s=5.0: True)
+  config = tiny.get_config()
+  config.data.dataset = "cifar10"
+  config.data.data_dir = str(tmp_path)
+  monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: [])
+  with pytest.raises(data.DataError, match=f"Split 'train' of 'cifar10' in tfds data_dir "
+                     f"'{tmp_path}.*' is empty"):
+    data.make_source(config, "train")
+
+  def damaged(*args, **kwargs):
+    raise OSError("unexpected end of array_record file")
+
+  monkeypatch.setattr(tfds, "data_source", damaged)
+  with pytest.raises(data.DataError, match=f"Cannot open split 'test' of 'cifar10' in tfds "
+                     f"data_dir '{tmp_path}.*OSError: unexpected end"):
+    data.make_source(config, "test")

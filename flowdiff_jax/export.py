@@ -1,0 +1,258 @@
+r"""Writes the restoration of every measurement of a trained run to files.
+
+  python -m flowdiff_jax.export --workdir=workdirs/byom \
+      [--output_dir=workdirs/byom/restored] [--num_samples=16] [--save_samples=0] \
+      [--data_path=other_measurements/ [--mask_dir=...]] [--reference_path=...]
+
+For a `flowdiff` or `amortized` run (a posterior sampler q(x | y)): draws
+`num_samples` posterior samples for each measurement of the run's data set
+(or of `--data_path`, read with the run's operator, σ_y and value rule) and
+writes, in the measurements' own units and order (the value rule of
+`flowdiff_jax.measurements`, inverted):
+
+* a folder of images `<name>.<ext>` as input: per image `<name>_mean.<ext>`
+  (the posterior mean), `<name>_std.<ext>` (the per-pixel posterior std,
+  scaled so that `std_full_scale` in export.json, the largest std of the set
+  in the file's units, is the dtype's maximum; float files hold the std
+  itself) and `<name>_sample<k>.<ext>` for k < `--save_samples`. <ext> is
+  .png for 8-bit images (and 16-bit greyscale), else .tif in the input's dtype;
+  integer outputs are rounded and clipped to the dtype's range;
+* `restorations.npz` (folder input) or `<stem>_restored.npz` (an .npz input
+  `<stem>.npz`): float32 `mean`, `std` [N, H, W, C] and `samples`
+  [N, save_samples, H, W, C] in the file's units, with `names` and the
+  per-measurement `residual_ratio`;
+* `export.json`: the ground-truth-free summary, the data consistency
+  `residual_ratio` = mean ‖y − A x‖² / (m σ_y²) of the samples (≈ 1 for a
+  calibrated posterior, see `operators.residual_ratio`), the same of the
+  posterior mean, the mean posterior std, per-measurement values, and the
+  PSNR of the posterior mean when a clean reference is given.
+
+Runs in one process over its local devices (a ragged last batch is padded).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging as std_logging
+import math
+import os
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowdiff_jax import checkpoint, data, evaluation, measurements, operators
+from flowdiff_jax import train_step as ts
+
+
+
+def _output_suffix(dtype: np.dtype, channels: int) -> str:
+  """.png where PNG holds the data exactly (8-bit, 1-4 channels; 16-bit greyscale), else .tif."""
+  if dtype == np.uint8 and channels <= 4 or dtype == np.uint16 and channels == 1:
+    return ".png"
+  return ".tif"
+
+
+def write_image(path: str, image: np.ndarray) -> None:
+  """Writes [H, W, C] in its dtype: PNG (pillow) or TIFF (tifffile) by the path's suffix."""
+  if path.endswith(".tif"):
+    import tifffile  # noqa: PLC0415
+
+    tifffile.imwrite(path, image[..., 0] if image.shape[-1] == 1 else image)
+    return
+  from PIL import Image  # noqa: PLC0415
+
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def _restore_fn(state: ts.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
+                save_samples: int):
+  """Jitted (state, batch, rng) -> (samples [B, K, ...], mean, std, ratio [B], ratio_mean [B])."""
+  op = state.objective.operator
+
+  def restore(state, batch, rng):
+    samples = ts.posterior_samples(state, batch, rng, num_samples)  # [S, B, H, W, C]
+    mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+    ratio = jnp.mean(operators.residual_ratio(op, batch["y"], batch["omega"], samples), axis=0)
+    ratio_mean = operators.residual_ratio(op, batch["y"], batch["omega"], mean)
+    kept = jnp.moveaxis(samples[:save_samples], 0, 1)
+    return kept, mean, std, ratio, ratio_mean
+
+  return jax.jit(restore, in_shardings=(ts.replicated(mesh), ts.batch_sharding(mesh),
+                                        ts.replicated(mesh)))
+
+
+def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16,
+           save_samples: int = 0, batch_size: int = 0, data_path: str | None = None,
+           mask_dir: str | None = None, reference_path: str | None = None,
+           seed: int = 0) -> dict[str, Any]:
+  """Restores every measurement with the run's posterior sampler and writes the files above.
+
+  Args:
+    workdir: the trained run (its newest checkpoint is used).
+    output_dir: where to write; default <workdir>/restored.
+    num_samples: posterior samples per measurement (mean and std).
+    save_samples: how many samples per measurement to write as well (<= num_samples).
+    batch_size: measurements per batch; 0: the run's eval.batch_size.
+    data_path, mask_dir, reference_path: other measurements than the run's
+      (kind from the suffix: .npz or a folder), their masks, a clean reference.
+    seed: seed of the posterior samples.
+
+  Returns:
+    The summary written to export.json.
+  """
+  if num_samples < 1 or not 0 <= save_samples <= num_samples:
+    raise ValueError(f"--num_samples={num_samples}, --save_samples={save_samples}: need "
+                     "num_samples >= 1 and 0 <= save_samples <= num_samples.")
+  mesh = ts.make_mesh(jax.local_devices())
+  config, state = checkpoint.load_run(workdir, sharding=ts.replicated(mesh))
+  if config.method not in ts.FLOW_METHODS:
+    raise ValueError(f"The run in {workdir} has method {config.method!r}, which learns a prior "
+                     f"only; export needs a posterior sampler: a run with method "
+                     f"{' or '.join(ts.FLOW_METHODS)}.")
+  trained_shape = data.image_shape(config)
+  if data_path:
+    config.data.dataset = "npz" if data_path.lower().endswith(".npz") else "folder"
+    config.data.path, config.data.mask_dir = data_path, mask_dir
+    config.data.reference_path = reference_path
+  elif not data.is_measured(config):
+    raise ValueError(f"The run in {workdir} trained on {config.data.dataset!r}, not on "
+                     "measurement files: give the measurements to restore with --data_path.")
+  elif reference_path:
+    config.data.reference_path = reference_path
+  m = measurements.load(config)
+  if m.image_shape != tuple(trained_shape):
+    raise measurements.DataError(
+        f"The measurements in {m.path} are {m.image_shape} (H, W, C); the run in {workdir} "
+        f"was trained on {tuple(trained_shape)}.")
+
+  devices = mesh.size
+  batch_size = batch_size or config.eval.batch_size
+  batch_size = max(devices, min(batch_size, len(m)) // devices * devices)
+  restore = _restore_fn(state, mesh, num_samples, save_samples)
+  root = jax.random.key(seed)
+  outputs = []
+  for k, start in enumerate(range(0, len(m), batch_size)):
+    idx = np.arange(start, start + batch_size)
+    idx = np.minimum(idx, len(m) - 1)  # pad the last batch with its last measurement
+    batch = {"y": m.y[idx], "omega": {} if m.mask is None else {"mask": m.mask[idx]}}
+    batch = jax.device_put(batch, ts.batch_sharding(mesh))
+    out = jax.device_get(restore(state, batch, jax.random.fold_in(root, k)))
+    keep = min(batch_size, len(m) - start)
+    outputs.append([a[:keep] for a in out])
+  samples, mean, std, ratio, ratio_mean = (np.concatenate(parts) for parts in zip(*outputs))
+
+  output_dir = output_dir or os.path.join(workdir, "restored")
+  os.makedirs(output_dir, exist_ok=True)
+  lo, hi = m.value_range
+  unit = (hi - lo) / 2.0  # file units per model unit
+  from_model = functools.partial(measurements.from_model_units, value_range=m.value_range,
+                                 dtype=np.float32)
+  mean_f, std_f, samples_f = from_model(mean), (std * unit).astype(np.float32), from_model(samples)
+  std_full_scale = float(std_f.max()) or 1.0
+  arrays = {"mean": mean_f, "std": std_f, "samples": samples_f, "names": np.array(m.names),
+            "residual_ratio": ratio.astype(np.float32)}
+  if config.data.dataset == "npz":
+    stem = os.path.splitext(os.path.basename(m.path))[0]
+    npz_path = os.path.join(output_dir, f"{stem}_restored.npz")
+  else:
+    npz_path = os.path.join(output_dir, "restorations.npz")
+    suffix = _output_suffix(m.dtype, m.image_shape[-1])
+    integer = np.issubdtype(m.dtype, np.integer)
+    for i, name in enumerate(m.names):
+      base = os.path.join(output_dir, os.path.splitext(name)[0])
+      write_image(f"{base}_mean{suffix}",
+                  measurements.from_model_units(mean[i], m.value_range, m.dtype))
+      if integer:  # the std's full scale is the dtype's maximum (stated in export.json)
+        top = np.iinfo(m.dtype).max
+        std_image = np.clip(np.round(std_f[i] / std_full_scale * top), 0, top).astype(m.dtype)
+      else:
+        std_image = std_f[i]
+      write_image(f"{base}_std{suffix}", std_image)
+      for j in range(save_samples):
+        write_image(f"{base}_sample{j}{suffix}",
+                    measurements.from_model_units(samples[i, j], m.value_range, m.dtype))
+  np.savez(npz_path, **arrays)
+
+  summary = {
+      "workdir": os.path.abspath(workdir), "step": int(jax.device_get(state.step)),
+      "method": config.method, "data_path": m.path, "num_measurements": len(m),
+      "num_samples": num_samples, "operator": config.operator.name,
+      "sigma_y": float(config.operator.sigma_y), "value_range": [lo, hi],
+      "residual_ratio": float(np.mean(ratio)),
+      "residual_ratio_mean": float(np.mean(ratio_mean)),
+      "posterior_std": float(np.mean(std)),  # [-1, 1] scale
+      "posterior_std_file_units": float(np.mean(std_f)),
+      "std_full_scale": std_full_scale, "arrays": os.path.abspath(npz_path),
+      "per_measurement": [{"name": n, "residual_ratio": float(r),
+                           "posterior_std": float(s)}
+                          for n, r, s in zip(m.names, ratio, std.reshape(len(m), -1).mean(1))],
+  }
+  if m.x is not None:
+    summary["psnr_posterior_mean"] = float(np.mean(evaluation.psnr(mean, m.x)))
+    summary["psnr_observation"] = float(np.mean(evaluation.psnr(m.y, m.x)))
+  measurements.write_json(os.path.join(output_dir, "export.json"), summary)
+  logging.info("Restored %d measurements of %s into %s: data consistency "
+               "‖y − A x‖²/(m σ_y²) = %.3f for posterior samples (≈ 1 when calibrated), %.3f for the mean; mean "
+               "posterior std %.4g ([-1, 1] scale)%s.", len(m), m.path, output_dir,
+               summary["residual_ratio"], summary["residual_ratio_mean"],
+               summary["posterior_std"],
+               f"; PSNR of the mean {summary['psnr_posterior_mean']:.2f} dB (observation "
+               f"{summary['psnr_observation']:.2f} dB)" if m.x is not None else "")
+  if not math.isfinite(summary["residual_ratio"]):
+    logging.warning("The data consistency is not finite: is operator.sigma_y > 0?")
+  return summary
+
+
+class _QuietLibraries:
+  """Drops INFO records of orbax, jax and grain (dozens per checkpoint read); ours stay."""
+  _CHATTY = ("/orbax/", "/jax/_src/", "/grain/")
+
+  def filter(self, record) -> bool:
+    return record.levelno > std_logging.INFO or not any(
+        part in record.pathname for part in self._CHATTY)
+
+
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags; defined only when run as a program, so that importing
+  this module next to `flowdiff_jax.main` (which also has --workdir) is safe."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", None,
+                                     "Workdir of the trained flowdiff/amortized run."),
+      "output_dir": flags.DEFINE_string("output_dir", None,
+                                        "Where the restorations go; default: <workdir>/restored."),
+      "num_samples": flags.DEFINE_integer(
+          "num_samples", 16, "Posterior samples per measurement for the mean and std."),
+      "save_samples": flags.DEFINE_integer(
+          "save_samples", 0, "How many of them to write per measurement as well."),
+      "batch_size": flags.DEFINE_integer("batch_size", 0,
+                                         "Measurements per batch; 0: eval.batch_size."),
+      "data_path": flags.DEFINE_string(
+          "data_path", None, "Restore these measurements (.npz file or image folder) instead "
+          "of the run's data.path; read with the run's operator, σ_y and value rule."),
+      "mask_dir": flags.DEFINE_string("mask_dir", None, "Masks of --data_path (folder input)."),
+      "reference_path": flags.DEFINE_string(
+          "reference_path", None, "Clean reference of the measurements, for PSNR only."),
+      "seed": flags.DEFINE_integer("seed", 0, "Seed of the posterior samples."),
+  }
+
+
+def main(argv, args: dict[str, flags.FlagHolder]):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  values = {name: holder.value for name, holder in args.items()}
+  if not values.pop("workdir"):
+    raise app.UsageError("--workdir is required: the workdir of a trained flowdiff run.")
+  summary = export(args["workdir"].value, values.pop("output_dir"), **values)
+  print(f"residual_ratio={summary['residual_ratio']:.4f} "
+        f"posterior_std={summary['posterior_std']:.4f} "
+        f"wrote {summary['num_measurements']} restorations to "
+        f"{os.path.dirname(summary['arrays'])}")
+
+
+if __name__ == "__main__":
+  _ARGS = _define_flags()
+  app.run(lambda argv: main(argv, _ARGS))
