@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data -------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  # tfds name: "fashion_mnist", "mnist", "cifar10" or "celeb_a".
+  # tfds name: "fashion_mnist", "mnist", "cifar10" or "celeb_a"; or measurements
+  # in files (no clean images): "npz" or "folder" (see data.path below and
+  # flowdiff_jax/measurements.py).
   data.dataset = "cifar10"
   # tfds data directory; None means tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   data.data_dir = ml_collections.config_dict.placeholder(str)
@@ -32,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Used before any download is attempted; set to "" to skip.
   data.fmnist_idx_dir = "/usr/share/datasets/fashion-mnist"
   # Side of the square images fed to the models (celeb_a: centre crop, then resize).
-  # 0 means the dataset's native size (28 for (fashion_)mnist, 32 for cifar10, 64 for celeb_a).
+  # 0 means the dataset's native size (28 for (fashion_)mnist, 32 for cifar10, 64 for celeb_a;
+  # for "npz"/"folder" the files' size, which a non-zero value must match).
   data.image_size = 0
   # Use only the first N training examples (0: all). The corruptions stay those of
   # the full set: they depend on an example's index, not on N.
@@ -45,6 +48,29 @@ def get_config() -> ml_collections.ConfigDict:
   data.shuffle_seed = 0
   # grain read threads: records are read, decoded and resized in these, ahead of the step.
   data.read_threads = 4
+  # Measurements in files (data.dataset "npz" or "folder"): the .npz file (array
+  # "y" [N, H, W(, C)], plus "mask" [N, H, W(, 1)] for the inpainting operators)
+  # or the folder of PNG/JPEG/TIFF images (sorted by file name).
+  data.path = ml_collections.config_dict.placeholder(str)
+  # "folder" with an inpainting operator: folder of binary masks (0 = missing,
+  # 1 or 255 = observed) named like the images.
+  data.mask_dir = ml_collections.config_dict.placeholder(str)
+  # (lo, hi): the clean signal's range in the files' units, mapped linearly to
+  # [-1, 1]; None: by dtype (uint8 0..255, uint16 0..65535, floats 0..1).
+  data.value_range = ml_collections.config_dict.placeholder(tuple)
+  # Noisy measurements may leave (lo, hi): observed values may reach this
+  # fraction of its half-width beyond it ([-1 - m, 1 + m] after mapping); more is an error.
+  data.value_margin = 1.0
+  # Channels of the measurements; 0: from the files (the training program fills
+  # it and data.image_size in, and checks non-zero values against the files).
+  data.channels = 0
+  # Estimate σ_y from the measurements (Haar-wavelet MAD over fully observed
+  # 2x2 blocks) and use it instead of operator.sigma_y; the estimate is logged
+  # and written to <workdir>/sigma_y_estimate.json either way.
+  data.estimate_sigma_y = False
+  # Optional clean reference, for evaluation only (PSNR etc.): an .npz with "x"
+  # in the order of "y", or a folder with an image per measurement under its file name.
+  data.reference_path = ml_collections.config_dict.placeholder(str)
 
   # --- Forward operator A_ω and measurement noise ---------------------------
   config.operator = op = ml_collections.ConfigDict()
@@ -191,6 +217,12 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 5_000
   # Number of checkpoints kept in the workdir.
   training.keep_checkpoints = 3
+  # A step whose loss terms, gradients or update are not finite (NaN/inf) is
+  # skipped: params, optimiser state and EMA stay as they were. After this many
+  # skipped steps in a row the run stops (checked when metrics are logged or a
+  # checkpoint is due, never with a host sync per step), naming the loss terms
+  # that went non-finite; no checkpoint is written after the divergence.
+  training.max_consecutive_nonfinite_steps = 10
 
   # --- Sampling and evaluation ---------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()

@@ -3,20 +3,56 @@
 A checkpoint at step k holds the state after k updates and the position of the
 grain iterator after k batches, so restoring it and training on is bit for bit
 the run that never stopped. orbax writes each step to a temporary folder and
-renames it when complete, so `latest_step` only ever sees complete checkpoints.
+renames it when complete, so `latest_step` only sees finished saves; a save
+cut off mid-write leaves that temporary folder behind, and a finished one can
+still lose or truncate files later (a full disk, a bad copy). `restore_latest`
+therefore restores the newest checkpoint that actually reads back, and moves
+the others to <workdir>/corrupt_checkpoints/ with a warning: kept as evidence,
+out of reach of orbax's `max_to_keep` rotation, never deleted.
+
+Resuming also checks that the checkpoint's config is this run's, up to the
+fields in RESUMABLE_FIELDS (`check_resume_config`, `IncompatibleCheckpointError`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import json
 import os
+import shutil
 from typing import Any
 
+from absl import logging
+from etils import epath
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flowdiff_jax.train_step import TrainState
+
+# Config fields that may differ between a run and the checkpoint it resumes.
+# They change how long the run goes, what is logged, evaluated or kept and
+# when, or where the same files are read from -- never the parameters'
+# trajectory (no schedule depends on training.num_train_steps), so the resumed
+# run still ends at the parameters of one that never stopped. A trailing ".*"
+# covers a whole section.
+RESUMABLE_FIELDS = (
+    "training.num_train_steps", "training.log_every_steps", "training.eval_every_steps",
+    "training.sample_every_steps", "training.checkpoint_every_steps",
+    "training.keep_checkpoints", "training.max_consecutive_nonfinite_steps",
+    "data.data_dir", "data.read_threads", "data.num_eval_examples", "data.reference_path",
+    "amortized.eval_num_samples", "eval.*")
+
+# Where unreadable checkpoints go, next to <workdir>/checkpoints.
+CORRUPT_DIR = "corrupt_checkpoints"
+# orbax's suffix of a step folder that is still being written (or never finished).
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir's checkpoints belong to a run with another config or other array shapes."""
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -43,26 +79,292 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter,
       config=ocp.args.JsonSave(config.to_dict())))
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
-                   data_iter) -> TrainState | None:
-  """Restores the newest checkpoint into (a template of) `state` and `data_iter`.
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter, *,
+                   config: ml_collections.ConfigDict | None = None,
+                   allow_config_change: bool = False) -> TrainState | None:
+  """Restores the newest checkpoint that reads back into (a template of) `state` and `data_iter`.
+
+  Checkpoints are tried newest first; one that does not read back twice in a
+  row (a truncated or missing file, an unreadable config) is skipped. Once an
+  older one has been restored, the skipped ones are moved to
+  <workdir>/corrupt_checkpoints/ with a warning naming their steps: kept as
+  evidence, and out of orbax's `max_to_keep` rotation, which could otherwise
+  delete the good one in their favour. When none reads back, nothing is moved
+  and an error lists them (a broken environment looks the same as damage to
+  every file, so the program does not decide to start over). Orbax's
+  temporary folders of a save cut off mid-write are moved aside always.
 
   Args:
     manager: the run's CheckpointManager.
     state: a freshly created state; its arrays give shapes, dtypes and shardings.
     data_iter: the training iterator; its position is set in place.
+    config: this run's config; when given, each checkpoint's stored config must
+      equal it outside RESUMABLE_FIELDS (see `check_resume_config`).
+    allow_config_change: resume despite such differences.
 
   Returns:
-    The restored state, or None when the workdir has no checkpoint.
+    The restored state, or None when the workdir has no (finished) checkpoint.
+
+  Raises:
+    IncompatibleCheckpointError: a checkpoint's config differs (and
+      allow_config_change is False), or its arrays have other names or shapes
+      than `state`'s; nothing is moved then.
+    RuntimeError: there are checkpoints, and none of them reads back.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
+  directory = os.fspath(manager.directory)
+  partial = _set_aside_partial_saves(directory)
   template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
+  restored, failed = None, []
+  for step in sorted(manager.all_steps(), reverse=True):
+    problem = None
+    for _ in range(2):  # a second read tells a flaky filesystem from a damaged file
+      try:
+        restored = _restore_step(manager, step, state, template, data_iter, config,
+                                 allow_config_change)
+        break
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001 (tensorstore, json and grain raise many kinds)
+        problem = e
+    # Every process must take the same checkpoint (each reads its own data file).
+    if _on_every_process(restored is not None):
+      break
+    restored = None
+    text = str(problem).strip().splitlines()[0][:300] if problem and str(problem).strip() else (
+        "failed on another process")
+    logging.warning("Checkpoint step %d in %s does not read back: %s: %s", step, directory,
+                    type(problem).__name__ if problem else "", text)
+    failed.append((step, f"{type(problem).__name__ if problem else ''}: {text}"))
+  if failed and restored is None:
+    raise RuntimeError(
+        f"No checkpoint in {directory} reads back:\n"
+        + "\n".join(f"  step {step}: {why}" for step, why in failed)
+        + "\nNone of them was moved or deleted. If the files are damaged, move the checkpoints "
+        "folder away to start from scratch; if the environment is the problem (a filesystem "
+        "that is not mounted, another orbax or jax version), fix it and rerun.")
+  if failed:
+    _set_aside(directory, [str(step) for step, _ in failed])
+  if failed or partial:
+    manager.reload()  # orbax must forget the moved steps (latest_step, max_to_keep)
+  if failed:
+    logging.warning("Resuming from step %d, the newest complete checkpoint in %s; skipped "
+                    "step %s, moved to %s.", int(jax.device_get(restored.step)), directory,
+                    ", ".join(str(step) for step, _ in failed), _corrupt_root(directory))
+  return restored
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState, template,
+                  data_iter, config: ml_collections.ConfigDict | None,
+                  allow_config_change: bool) -> TrainState:
+  """One checkpoint: its config and array names checked first, then read."""
+  directory = os.fspath(manager.directory)
+  if config is not None:
+    stored = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    _check_config(directory, step, stored, config, allow_config_change)
+  # Read with a handler of its own: the run's manager has none registered
+  # before its first save, and its item_metadata would then return None.
+  metadata = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(directory) / str(step) / "state")
+  _check_arrays(directory, step, getattr(metadata, "tree", metadata), template)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
   return state.replace(**restored["state"])
+
+
+def _on_every_process(ok: bool) -> bool:
+  """`ok` and-ed over all processes (one host sync; only used when resuming)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _corrupt_root(directory: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), CORRUPT_DIR)
+
+
+def _set_aside(directory: str, names: list[str]) -> list[str]:
+  """Moves `directory`/<name> to <workdir>/corrupt_checkpoints/ (on process 0); the new paths.
+
+  Every process calls it with the same names; they all wait until the moves are done.
+  """
+  _sync("flowdiff_before_set_aside")  # every process has listed `directory`
+  root, moved = _corrupt_root(directory), []
+  for name in names:
+    dest, n = os.path.join(root, name), 1
+    while os.path.exists(dest):  # the same step may go bad twice
+      dest, n = os.path.join(root, f"{name}.{n}"), n + 1
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      shutil.move(os.path.join(directory, name), dest)
+    moved.append(dest)
+  _sync("flowdiff_after_set_aside")
+  return moved
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _set_aside_partial_saves(directory: str) -> list[int]:
+  """Moves orbax's unfinished step folders aside; their steps.
+
+  At start-up no save of this run is in flight, so such a folder is a save
+  that was cut off (preemption, a full disk, a kill during the write).
+  """
+  names = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if _TMP_MARK in name and name.split(".")[0].isdigit())
+  if not names:
+    return []
+  for name, where in zip(names, _set_aside(directory, names)):
+    logging.warning("Checkpoint step %s in %s was never finished (a save cut off mid-write: "
+                    "%s); moved it to %s.", name.split(".")[0], directory, name, where)
+  return [int(name.split(".")[0]) for name in names]
+
+
+def _array_names(tree, from_metadata: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{orbax's "a.b.c" name: (shape, dtype)} of a state template or of stored metadata."""
+  if from_metadata:
+    return {leaf.name: (tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)
+            if hasattr(leaf, "name")}
+  def name(key) -> str:
+    for attr in ("idx", "key", "name"):  # Sequence/Dict/FlattenedIndex/GetAttr keys
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {".".join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in flat}
+
+
+def _check_arrays(directory: str, step: int, stored_tree, template) -> None:
+  """Raises IncompatibleCheckpointError when the stored arrays are not the template's."""
+  stored = _array_names(stored_tree, from_metadata=True)
+  wanted = _array_names(template, from_metadata=False)
+  if stored == wanted:
+    return
+  lines = [f"  {k}: {_shape_text(stored.get(k))} in the checkpoint, {_shape_text(wanted.get(k))} "
+           "in this run" for k in sorted(set(stored) | set(wanted), key=_params_first)
+           if stored.get(k) != wanted.get(k)]
+  more = f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else ""
+  raise IncompatibleCheckpointError(
+      f"Checkpoint step {step} in {directory} holds other arrays than this run's state "
+      f"({len(lines)} differ):\n" + "\n".join(lines[:8]) + more +
+      "\nA config change that alters the networks or the optimiser cannot be resumed, even with "
+      "--allow_config_change: use a new --workdir.")
+
+
+def _params_first(name: str) -> tuple[bool, str]:
+  # ema_params and opt_state repeat the params' differences: list those first.
+  return not name.startswith("params."), name
+
+
+def _shape_text(entry) -> str:
+  return "absent" if entry is None else f"{entry[1]}{list(entry[0])}"
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _as_stored(config: ml_collections.ConfigDict | Mapping) -> dict:
+  """A config as a checkpoint holds it: plain JSON values (tuples become lists)."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  return json.loads(json.dumps(tree))
+
+
+def is_resumable_field(field: str) -> bool:
+  """Whether `field` ("training.num_train_steps") may differ on resume (RESUMABLE_FIELDS)."""
+  return any(field == f or (f.endswith(".*") and field.startswith(f[:-1]))
+             for f in RESUMABLE_FIELDS)
+
+
+_ABSENT = "<absent>"
+
+
+def config_diff(stored: Mapping, config: ml_collections.ConfigDict | Mapping
+                ) -> list[tuple[str, Any, Any]]:
+  """[(field, value in the checkpoint, value now)] of every differing config field, sorted.
+
+  A field added to configs/default.py after the checkpoint was written counts
+  with its default value there; a field missing on either side shows as "<absent>".
+  """
+  from configs import default  # noqa: PLC0415
+
+  before = _flat(_as_stored(default.get_config()))
+  before.update(_flat(_as_stored(stored)))
+  now = _flat(_as_stored(config))
+  return [(k, before.get(k, _ABSENT), now.get(k, _ABSENT)) for k in sorted(set(before) | set(now))
+          if before.get(k, _ABSENT) != now.get(k, _ABSENT)]
+
+
+def _check_config(directory: str, step: int, stored: Mapping,
+                  config: ml_collections.ConfigDict, allow_config_change: bool,
+                  log: bool = False) -> None:
+  """Raises IncompatibleCheckpointError for differences outside RESUMABLE_FIELDS."""
+  diff = config_diff(stored, config)
+  blocking = [d for d in diff if not is_resumable_field(d[0])]
+  lines = "\n".join(f"  config.{k}: {a!r} -> {b!r}" for k, a, b in blocking)
+  if blocking and not allow_config_change:
+    raise IncompatibleCheckpointError(
+        f"The checkpoints in {directory} (step {step}) were written with another config; "
+        f"{len(blocking)} field(s) differ (checkpoint -> this run):\n{lines}\n"
+        "Resuming would not continue that run. Use a new --workdir for a new run, or pass "
+        "--allow_config_change to resume this one with the new values (changes of network or "
+        "optimiser shapes cannot be resumed even then). Fields that may change on resume "
+        f"without it: {', '.join(RESUMABLE_FIELDS)}.")
+  if log and blocking:
+    logging.warning("--allow_config_change: resuming step %d in %s with %d changed field(s) "
+                    "(checkpoint -> this run); the run is no longer the one that wrote the "
+                    "checkpoint:\n%s", step, directory, len(blocking), lines)
+  free = [d for d in diff if is_resumable_field(d[0])]
+  if log and free:
+    logging.info("Resuming step %d with changed %s.", step,
+                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in free))
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
+                        allow_config_change: bool = False) -> int | None:
+  """Checks, before anything compiles, that `config` may resume `workdir`.
+
+  Compares `config` with the config stored in the newest checkpoint whose
+  config reads back. Fields in RESUMABLE_FIELDS may differ; any other
+  difference raises, unless allow_config_change (then it is logged).
+
+  Returns:
+    That checkpoint's step, or None when the workdir has none.
+
+  Raises:
+    IncompatibleCheckpointError: naming every differing field with both values.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  manager, _ = _read_only_manager(workdir)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        stored = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+      except Exception:  # noqa: BLE001 (restore_latest reports and sets it aside)
+        continue
+      _check_config(directory, step, stored, config, allow_config_change, log=True)
+      return step
+    return None
+  finally:
+    manager.close()
 
 
 def _read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:

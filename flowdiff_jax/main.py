@@ -7,6 +7,11 @@ Without --config it runs the embedded CPU quickstart (configs/quickstart.py).
 Without --workdir it writes to workdirs/<config file name>. Rerunning the same
 command resumes from the newest checkpoint in the workdir.
 
+Exit codes: 0 finished; 130 / 143 stopped by SIGINT / SIGTERM after saving the
+last step (rerun to resume); 3 diverged (too many non-finite steps in a row);
+2 the workdir holds another run's checkpoints (see --allow_config_change);
+1 any other error.
+
 Many hosts: run the same command in every process (every TPU VM worker, every
 SLURM/MPI task); with --distributed=auto (the default) `distributed_reason`
 decides whether this is such a launch and jax.distributed.initialize() joins
@@ -16,6 +21,7 @@ the processes. Elsewhere (one machine, one process) nothing is initialized.
 from collections.abc import Mapping
 import logging as logging_std
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only a clu/tfds helper here
 
@@ -35,6 +41,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Call jax.distributed.initialize() (one JAX process of several): 'auto' when the "
     "environment is a multi-process launch (JAX_COORDINATOR_ADDRESS, a SLURM step or "
     "Open MPI job of >1 tasks, a Cloud TPU VM), 'on' always, 'off' never.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir whose checkpoints were written with a config that differs in fields "
+    "other than the run length, logging, evaluation and checkpoint frequencies "
+    "(checkpoint.RESUMABLE_FIELDS). Without it such a resume stops with the list of "
+    "differing fields. Changes of network or optimiser shapes cannot be resumed either way.")
 
 # The variables jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py);
 # all are set in the tasks of an `srun` step, not in the batch script itself.
@@ -137,13 +149,21 @@ def main(argv):
     pass
   initialize_distributed(_DISTRIBUTED.value)
 
-  from flowdiff_jax import train
+  from flowdiff_jax import checkpoint, train
 
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   name = os.path.splitext(os.path.basename(config_path))[0]
   workdir = _WORKDIR.value or os.path.join("workdirs", name)
   logging.info("Config %s, workdir %s", config_path, os.path.abspath(workdir))
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except train.RunStopped as e:  # preempted or diverged: a message, not a traceback
+    logging.error("%s", e)
+    sys.exit(e.exit_code)
+  except checkpoint.IncompatibleCheckpointError as e:
+    logging.error("%s", e)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,21 @@ Outputs under the workdir:
   posterior/step_<step>.png   rows of [observation | flow samples | mean | std |
     clean] for held-out images (methods amortized, flowdiff)
   events.out.tfevents.*   TensorBoard scalars and images (clu metric writers)
+  corrupt_checkpoints/<step>/   checkpoints that did not read back, set aside
+    when resuming (see checkpoint.restore_latest)
+
+A run that stops early raises a `RunStopped` (`Preempted` after SIGTERM/SIGINT,
+with a checkpoint of the last step; `Diverged` after too many non-finite steps
+in a row); `main.py` turns it into a one-line message and an exit code.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+import signal
+import threading
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -37,7 +46,8 @@ def _make_prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   def prepare(raw):
     batch = data.prepare_batch(raw, op, config.data.corruption_seed,
                                keep_clean="x" in keep)
-    return {k: batch[k] for k in keep}
+    # Measurement files have "x" only where a clean reference set was given.
+    return {k: batch[k] for k in keep if k in batch}
 
   sharding = ts.batch_sharding(mesh)
   prepare = jax.jit(prepare, out_shardings=sharding)
@@ -60,13 +70,15 @@ def posterior_grid(state: ts.TrainState, batch: ts.Batch, rng: jax.Array,
                    num_shown: int = 3, num_mean: int = 16) -> jax.Array:
   """Rows of [observation | num_shown samples | mean | std | clean] for the batch, [B*(n+4), H, W, C].
 
-  The std column is rescaled to [-1, 1] over the whole grid so it is visible.
+  Without clean images (measurement files without a reference) the clean
+  column is left out: [B*(n+3), H, W, C]. The std column is rescaled to
+  [-1, 1] over the whole grid so it is visible.
   """
   samples = ts.posterior_samples(state, batch, rng, max(num_shown, num_mean))
   mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
   std = 2.0 * std / jnp.maximum(jnp.max(std), 1e-6) - 1.0
-  columns = [batch["y"], *samples[:num_shown], mean, std, batch["x"]]
-  return jnp.stack(columns, axis=1).reshape((-1,) + batch["x"].shape[1:])
+  columns = [batch["y"], *samples[:num_shown], mean, std] + ([batch["x"]] if "x" in batch else [])
+  return jnp.stack(columns, axis=1).reshape((-1,) + batch["y"].shape[1:])
 
 
 def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, train_source):
@@ -108,13 +120,174 @@ def write_grid(images: jax.Array, step: int, workdir: str, folder: str,
   return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
-  """Trains `config.method` in `workdir`, resuming from its newest checkpoint.
+class RunStopped(Exception):
+  """The run stopped before training.num_train_steps; the command exits with `exit_code`."""
+  exit_code = 1
+
+
+class Preempted(RunStopped):
+  """SIGTERM/SIGINT: the last step was finished and saved; rerun the command to resume."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+
+
+class Diverged(RunStopped):
+  """Too many consecutive non-finite steps; the newest checkpoint predates the divergence."""
+  exit_code = 3
+
+
+def _jax_preemption_service() -> bool:
+  """Whether jax.distributed started JAX's preemption service (which then owns SIGTERM)."""
+  try:
+    from jax._src import distributed  # noqa: PLC0415 (no public name for this)
+  except ImportError:
+    return False
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT -> finish the current step, save, stop (a context manager).
+
+  One process: a Python handler notes the signal and the loop reads that flag
+  after every step (host memory only: no device sync). Under jax.distributed
+  (several processes, or a one-host TPU slice) JAX's preemption service
+  catches SIGTERM and picks one step at which every process stops, read through
+  `CheckpointManager.reached_preemption`; SIGINT is handed to it as a SIGTERM,
+  so all processes save the same step. A second signal stops at once, without
+  a checkpoint.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self.coordinated = False
+    self._previous = {}
+
+  def __enter__(self) -> "_StopSignals":
+    self.coordinated = _jax_preemption_service()
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Python takes signals in the main thread only: default behaviour then
+    # Overriding SIGTERM would silence JAX's own handler, which it relies on.
+    for sig in (signal.SIGINT,) if self.coordinated else (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> bool:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if self.signum is not None:
+      logging.warning("Second %s: stopping now, without a checkpoint.", name)
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    logging.warning("%s: finishing the current step, then saving a checkpoint and stopping "
+                    "(send it again to stop at once, without a checkpoint).", name)
+    if self.coordinated:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier tells the other processes
+
+  def should_stop(self, step: int, manager) -> bool:
+    """Whether to save and stop after `step` (called after every step, on every process)."""
+    if self.coordinated:
+      return manager.reached_preemption(step)
+    return self.signum is not None
+
+
+class _NonFiniteGuard:
+  """Follows skipped (non-finite) updates on the host, from the metrics fetched for logging."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.total = 0
+    self.streak: list[int] = []  # steps of the current run of skipped updates
+    self.terms: dict[str, int] = {}  # metric -> first step of the run where it was not finite
+
+  def update(self, steps, values: list[dict[str, float]]) -> list[int]:
+    """Takes the host metrics of consecutive `steps`; returns those whose update was skipped."""
+    skipped = []
+    for step, metrics in zip(steps, values, strict=True):
+      if not metrics.get("train/update_skipped"):
+        self.streak, self.terms = [], {}
+        continue
+      skipped.append(step)
+      self.streak.append(step)
+      for name, value in metrics.items():
+        if not math.isfinite(value):
+          self.terms.setdefault(name, step)
+    self.total += len(skipped)
+    return skipped
+
+  @property
+  def diverged(self) -> bool:
+    return len(self.streak) >= self.limit
+
+  def culprits(self) -> str:
+    """The non-finite metrics of the current run of skipped steps, loss terms first."""
+    names = sorted(self.terms, key=lambda k: ("grad_norm" in k, self.terms[k], k))
+    return ", ".join(f"{k} (from step {self.terms[k]})" for k in names) or "none logged"
+
+
+def _fetch_metrics(history: list[ts.Metrics]) -> list[dict[str, float]]:
+  """The per-step metrics of `history` on the host, with one host sync for all of them."""
+  if not history:
+    return []
+  stacked = jax.device_get({k: jnp.stack([m[k] for m in history]) for k in history[0]})
+  return [{k: float(v[i]) for k, v in stacked.items()} for i in range(len(history))]
+
+
+def _window_mean(window: list[dict[str, float]]) -> dict[str, float]:
+  """Means of the steps since the last log: terms over the applied updates (one skipped
+  step's NaN would hide the others), update_skipped over all (the fraction skipped)."""
+  applied = [m for m in window if not m.get("train/update_skipped")] or window
+  means = {k: float(np.mean([m[k] for m in applied])) for k in window[0]}
+  if "train/update_skipped" in means:
+    means["train/update_skipped"] = float(np.mean([m["train/update_skipped"] for m in window]))
+  return means
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> ts.TrainState:
+  """Trains `config.method` in `workdir`, resuming from its newest readable checkpoint.
+
+  While it runs, SIGTERM and SIGINT make it finish the current step, save a
+  checkpoint and raise `Preempted` (see `_StopSignals`).
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder; its checkpoints, if any, are resumed.
+    allow_config_change: resume checkpoints whose config differs from `config`
+      outside checkpoint.RESUMABLE_FIELDS (otherwise that raises
+      checkpoint.IncompatibleCheckpointError before anything compiles).
 
   Returns:
     The final TrainState.
+
+  Raises:
+    Preempted: stopped by a signal, after saving the last step.
+    Diverged: training.max_consecutive_nonfinite_steps skipped steps in a row.
+    checkpoint.IncompatibleCheckpointError: see allow_config_change.
   """
+  with _StopSignals() as stop:
+    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals,
+                        allow_config_change: bool) -> ts.TrainState:
+  """`train_and_evaluate` with its signal handlers installed."""
+  # Measurement files decide the image shape (and σ_y when estimated): read
+  # and checked here, first, so the saved config holds them.
+  data.resolve_config(config, workdir, write=jax.process_index() == 0)
   validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  # A workdir of another run fails here, in seconds, not after compiling.
+  checkpoint.check_resume_config(workdir, config, allow_config_change=allow_config_change)
   jax.config.update("jax_threefry_partitionable", True)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -138,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                     out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params)
   train_iter = iter(data.train_dataset(config, train_source))
   manager = checkpoint.make_manager(workdir, config)
-  restored = checkpoint.restore_latest(manager, state, train_iter)
+  restored = checkpoint.restore_latest(manager, state, train_iter, config=config,
+                                       allow_config_change=allow_config_change)
   if restored is not None:
     state = restored
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
@@ -173,7 +347,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                        else rep)), None)
 
   report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer)
-  history = []
+  history = []  # per-step metrics on device, not yet fetched
+  window = []  # fetched to the host, not yet written
+  guard = _NonFiniteGuard(tr.max_consecutive_nonfinite_steps)
+
+  def finish():
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+
   logging.info("Training %s on %s/%s from step %d to %d on %d devices.", config.method,
                config.data.dataset, config.operator.name, initial_step, tr.num_train_steps,
                jax.device_count())
@@ -184,9 +366,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     history.append(metrics)
     report(step)
     last = step == tr.num_train_steps
-    if step % tr.log_every_steps == 0 or last:
-      writer.write_scalars(step, _mean_metrics(history))
+    preempted = stop.should_stop(step, manager) and not last
+    save = step % tr.checkpoint_every_steps == 0 or last or preempted
+    if step % tr.log_every_steps == 0 or save:
+      # Skipped (non-finite) steps are judged only where the loop syncs anyway:
+      # at log time and before a checkpoint is written, never once per step.
+      steps = range(step - len(history) + 1, step + 1)
+      window += _fetch_metrics(history)
       history = []
+      skipped = guard.update(steps, window[-len(steps):])
+      if skipped:
+        logging.warning("Skipped the non-finite update of step(s) %s (%d in a row; "
+                        "training.max_consecutive_nonfinite_steps=%d). Non-finite: %s.",
+                        ", ".join(map(str, skipped)), len(guard.streak), guard.limit,
+                        guard.culprits())
+      if guard.diverged:
+        writer.write_scalars(step, _window_mean(window))
+        finish()
+        newest = manager.latest_step()
+        raise Diverged(
+            f"Training diverged: the updates of the last {len(guard.streak)} steps "
+            f"({guard.streak[0]}-{guard.streak[-1]}) were skipped as non-finite, and "
+            f"training.max_consecutive_nonfinite_steps={guard.limit}. Non-finite: "
+            f"{guard.culprits()}. {guard.total} update(s) were skipped in this run. "
+            + (f"The newest checkpoint, step {newest} in {manager.directory}, holds finite "
+               "parameters; nothing was saved after the divergence. "
+               if newest is not None else "No checkpoint was written. ")
+            + "Resuming with the same config diverges again: lower optim.learning_rate / "
+            "flow_optim.learning_rate or the loss weights, and pass --allow_config_change.")
+    if window and (step % tr.log_every_steps == 0 or last or preempted):
+      writer.write_scalars(step, _window_mean(window))
+      window = []
     # Flow methods always evaluate at the end: their posterior PSNR is a result.
     if eval_batches and ((tr.eval_every_steps and step % tr.eval_every_steps == 0) or last):
       with report.timed("eval"):
@@ -197,12 +407,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
           images = grid_fn(state, jax.random.fold_in(sample_rng, step))
           write_grid(images, step, workdir, folder, writer,
                      num_cols=images.shape[0] // rows if rows else None)
-    if step % tr.checkpoint_every_steps == 0 or last:
+    if save:
       with report.timed("checkpoint"):
         checkpoint.save(manager, state, train_iter, config)
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+    if preempted:
+      finish()
+      how = (f"by {signal.Signals(stop.signum).name}" if stop.signum is not None
+             else "at the preemption sync point (SIGTERM to one of the processes)")
+      raise Preempted(
+          f"Stopped {how} after step {step} of {tr.num_train_steps}; saved checkpoint step "
+          f"{step} in {manager.directory}. Run the same command again to resume.",
+          stop.signum or signal.SIGTERM)
+  finish()
   return state
 
 

@@ -376,6 +376,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
         flow's samples), flow_loss, loss (the sum), grad_norm_flow and
         grad_norm_score.
     Gradient norms are of the averaged gradient, before clipping.
+    update_skipped: 1.0 when the update was not applied because a loss term
+      or the gradient was not finite (NaN/inf, or a gradient norm beyond
+      float32's range); params, opt_state and ema_params are then
+      returned unchanged, and step still advances (the next call takes the
+      next key); else 0.0. The training program stops after
+      training.max_consecutive_nonfinite_steps such steps in a row.
   """
   obj = state.objective
   rng = jax.random.fold_in(rng, state.step)
@@ -384,17 +390,32 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
     grads, terms = jax.lax.pmean((grads, terms), axis_name)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - obj.ema_decay)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            ema_params=ema_params, opt_state=opt_state)
   metrics = {f"train/{k}": v for k, v in terms.items()}
   if obj.method == "flowdiff":
     metrics["train/grad_norm_flow"] = optax.global_norm(grads["flow"])
     metrics["train/grad_norm_score"] = optax.global_norm(grads["score"])
   else:
     metrics["train/grad_norm"] = optax.global_norm(grads)
+  # One NaN or inf would spread into the params, Adam's moments and the EMA
+  # for good, so such an update is dropped whole. The check runs on device (no
+  # host sync) on values already averaged over `axis_name`, so every device
+  # and every form of the step makes the same choice. A gradient norm is
+  # finite iff every element is (short of overflow), and the norms exist
+  # already (a flag per array would be a thousand-operand reduction, slow to
+  # compile); from finite, clipped gradients AdamW's update is finite too.
+  ok = functools.reduce(jnp.logical_and, [jnp.isfinite(v) for v in metrics.values()])
+
+  def update(params, ema_params, opt_state):
+    updates, opt_state = state.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, optax.incremental_update(params, ema_params, 1.0 - obj.ema_decay), opt_state
+
+  # A cond, not a select per array: as cheap to compile as the plain update.
+  params, ema_params, opt_state = jax.lax.cond(
+      ok, update, lambda *old: old, state.params, state.ema_params, state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            ema_params=ema_params, opt_state=opt_state)
+  metrics["train/update_skipped"] = 1.0 - ok.astype(jnp.float32)
   if obj.method in FLOW_METHODS:
     metrics["train/prior_nll_bpd"] = losses.bits_per_dim(terms["prior_nll"])
     metrics["train/posterior_entropy_bpd"] = losses.bits_per_dim(-terms["log_q"])
@@ -420,23 +441,27 @@ def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
               axis_name: str | None = None, num_posterior_samples: int = 16,
               nll_time_samples: int = 1) -> Metrics:
-  """Held-out metrics; `batch` has "x", "y", "omega" ([B, H, W, C]).
+  """Held-out metrics; `batch` has "y", "omega" and, where clean images exist, "x" ([B, H, W, C]).
 
   Methods with a trained score network ("clean", "naive", "flowdiff"), using
   its EMA params, on the *clean* held-out images (comparable across methods:
-  how well each prior fits clean data):
+  how well each prior fits clean data; only with "x"):
     eval/dsm_loss_clean: the DSM loss (squared ε error per dimension);
     eval/nll_bpd_clean: the diffusion ELBO bound on −log p(x) in bits/dim
       (`losses.bits_per_dim`), `nll_time_samples` draws per image.
-  Methods with a flow ("amortized", "flowdiff"): PSNR (dB, images in [-1, 1])
-  against the clean images of the posterior mean of `num_posterior_samples`
-  flow samples (eval/psnr_posterior_mean), of the observation y and of A⁺y,
-  and the mean per-pixel posterior std.
+  Methods with a flow ("amortized", "flowdiff"), from `num_posterior_samples`
+  flow samples; without ground truth:
+    eval/residual_ratio: ‖y − A x‖² / (m σ_y²) of the samples
+      (`operators.residual_ratio`): ≈ 1 for a calibrated posterior;
+    eval/residual_ratio_mean: the same of the posterior mean (below 1);
+    eval/posterior_std: the mean per-pixel posterior std;
+  and with "x": PSNR (dB, images in [-1, 1]) against the clean images of the
+  posterior mean (eval/psnr_posterior_mean), of the observation y and of A⁺y.
   """
   obj = state.objective
-  x = batch["x"]
+  x = batch.get("x")
   metrics = {}
-  if obj.method in SCORE_METHODS:
+  if obj.method in SCORE_METHODS and x is not None:
     dsm_rng, nll_rng = jax.random.split(jax.random.fold_in(rng, 0))
     eps_fn = _eps_fn(obj, state.ema_params["score"])
     dsm = diffusion.dsm_loss(eps_fn, obj.schedule, x, dsm_rng, axis_name=axis_name)
@@ -449,12 +474,19 @@ def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     samples = posterior_samples(state, batch, jax.random.fold_in(rng, 1),
                                 num_posterior_samples, axis_name=axis_name)
     mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
-    pinv = obj.operator.pinv(batch["y"], batch["omega"])
+    y, omega = batch["y"], batch["omega"]
     metrics.update({
-        "eval/psnr_posterior_mean": _mean(evaluation.psnr(mean, x), axis_name),
-        "eval/psnr_observation": _mean(evaluation.psnr(batch["y"], x), axis_name),
-        "eval/psnr_pinv": _mean(evaluation.psnr(pinv, x), axis_name),
+        "eval/residual_ratio": _mean(operators.residual_ratio(obj.operator, y, omega, samples),
+                                     axis_name),
+        "eval/residual_ratio_mean": _mean(operators.residual_ratio(obj.operator, y, omega, mean),
+                                          axis_name),
         "eval/posterior_std": _mean(std, axis_name)})
+    if x is not None:
+      pinv = obj.operator.pinv(y, omega)
+      metrics.update({
+          "eval/psnr_posterior_mean": _mean(evaluation.psnr(mean, x), axis_name),
+          "eval/psnr_observation": _mean(evaluation.psnr(y, x), axis_name),
+          "eval/psnr_pinv": _mean(evaluation.psnr(pinv, x), axis_name)})
   return metrics
 
 

@@ -11,11 +11,11 @@ import math
 
 import ml_collections
 
-from flowdiff_jax import diffusion, operators
+from flowdiff_jax import diffusion, measurements, operators
 from flowdiff_jax.models.flow import COUPLINGS
 from flowdiff_jax.train_step import FLOW_METHODS, METHODS, PRIORS, SCORE_MODELS
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a")
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a") + measurements.KINDS
 NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "celeb_a": 64}
 
 
@@ -58,6 +58,30 @@ def _optimizer(config, section: str) -> None:
   _positive(config, f"{section}.grad_clip_norm", strict=False)
 
 
+def _measurement_fields(config) -> None:
+  """The data.* fields of measurements in files (data.dataset "npz" or "folder")."""
+  d = config.data
+  if not d.get("path") or not isinstance(d.path, str):
+    _fail("data.path", d.get("path"), f"data.dataset={d.dataset!r} needs the measurements: an "
+          ".npz file (dataset 'npz') or a folder of images (dataset 'folder')")
+  if config.method == "clean":
+    _fail("method", "clean", "needs clean training images, and measurement files have none "
+          "(data.reference_path is for evaluation only); allowed here: naive, amortized, flowdiff")
+  if config.method == "amortized" and config.amortized.prior == "gaussian":
+    _fail("amortized.prior", "gaussian", "is fitted to clean training images, which measurement "
+          "files do not have; allowed here: diffusion")
+  value_range = d.get("value_range")
+  if value_range is not None and (
+      len(value_range) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       and math.isfinite(v) for v in value_range)
+      or not value_range[0] < value_range[1]):
+    _fail("data.value_range", value_range, "must be None (by dtype) or (lo, hi) with lo < hi")
+  _positive(config, "data.value_margin", strict=False)
+  _positive(config, "data.channels", strict=False, integer=True)
+  if not isinstance(d.get("estimate_sigma_y"), bool):
+    _fail("data.estimate_sigma_y", d.get("estimate_sigma_y"), "must be True or False")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                     num_processes: int = 1) -> None:
   """Checks every field the program uses; raises ConfigError naming the first bad one.
@@ -78,7 +102,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _positive(config, "data.corruption_seed", strict=False, integer=True)
   _positive(config, "data.shuffle_seed", strict=False, integer=True)
   _positive(config, "data.read_threads", integer=True)
-  size = config.data.image_size or NATIVE_IMAGE_SIZE[config.data.dataset]
+  measured = config.data.dataset in measurements.KINDS
+  if measured:
+    _measurement_fields(config)
+  # 0 for measurement files until `data.resolve_config` has read their size
+  # (the training program does that first); the size checks below then wait.
+  size = config.data.image_size or NATIVE_IMAGE_SIZE.get(config.data.dataset, 0)
 
   # Operator.
   _choice(config, "operator.name", operators.OPERATORS)
@@ -94,7 +123,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
     _fail("operator.drop_prob", p, "must be a probability in [0, 1)")
   _positive(config, "operator.box_size", integer=True)
-  if config.operator.name == "inpaint_box" and config.operator.box_size >= size:
+  # (Measured data bring their own masks: box_size is unused there.)
+  if config.operator.name == "inpaint_box" and not measured and config.operator.box_size >= size:
     _fail("operator.box_size", config.operator.box_size,
           f"must be smaller than the image size {size}")
 
@@ -113,7 +143,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
 
   _choice(config, "model.name", SCORE_MODELS)
   if config.model.name == "gaussian":
-    channels = 1 if config.data.dataset in ("fashion_mnist", "mnist") else 3
+    channels = config.data.get("channels") or (
+        1 if config.data.dataset in ("fashion_mnist", "mnist") else 3)
     dims = size * size * channels
     if dims > 1024:
       _fail("model.name", "gaussian", f"needs a {dims}×{dims} Cholesky per example; it is "
@@ -123,7 +154,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if not mult or any(not isinstance(m, int) or m <= 0 for m in mult):
     _fail("model.channel_mult", mult, "must be a non-empty tuple of positive integers")
   downsamples = len(mult) - 1
-  if size % (2 ** downsamples):
+  if size and size % (2 ** downsamples):
     allowed = [k for k in range(1, len(mult) + 1) if size % 2 ** (k - 1) == 0]
     _fail("model.channel_mult", mult,
           f"{downsamples} downsamplings need an image size divisible by {2 ** downsamples}, "
@@ -139,7 +170,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
             f"({[config.model.base_channels * m for m in mult]})")
   resolutions = [size // 2 ** i for i in range(len(mult))]
   for r in config.model.attn_resolutions:
-    if r not in resolutions:
+    if size and r not in resolutions:
       _fail("model.attn_resolutions", tuple(config.model.attn_resolutions),
             f"{r} is not a resolution of this U-Net; allowed: {resolutions}")
   dropout = config.model.dropout
@@ -157,7 +188,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     for field in ("num_levels", "num_steps", "hidden_channels", "cond_channels"):
       _positive(config, f"flow.{field}", integer=True)
     _choice(config, "flow.coupling", COUPLINGS)
-    if size % 2 ** config.flow.num_levels:
+    if size and size % 2 ** config.flow.num_levels:
       _fail("flow.num_levels", config.flow.num_levels,
             f"the image size {size} must be divisible by 2**num_levels")
     _optimizer(config, "flow_optim")
@@ -183,7 +214,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   # Training loop.
   _positive(config, "training.batch_size", integer=True)
   for field in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints"):
+                "keep_checkpoints", "max_consecutive_nonfinite_steps"):
     _positive(config, f"training.{field}", integer=True)
   for field in ("eval_every_steps", "sample_every_steps"):
     _positive(config, f"training.{field}", strict=False, integer=True)

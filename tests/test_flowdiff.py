@@ -162,7 +162,7 @@ def test_flowdiff_metrics_and_beta_schedules():
   step = jax.jit(ts.train_step)
   expected = {"data_fidelity", "prior_nll", "log_q", "flow_loss", "dsm_loss", "loss",
               "beta_data", "beta_prior", "beta_ent", "grad_norm_flow", "grad_norm_score",
-              "prior_nll_bpd", "posterior_entropy_bpd"}
+              "prior_nll_bpd", "posterior_entropy_bpd", "update_skipped"}
   seen = []
   for _ in range(5):
     state, metrics = step(state, batch, _key(2))
