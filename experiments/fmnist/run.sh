@@ -1,0 +1,33 @@
+#!/bin/bash
+# clean, naive and flowdiff on Fashion-MNIST for three corruptions, equal budgets:
+# 2000 steps of batch 32 (64k images seen, about one epoch of the 60k training
+# set) each, the quickstart-size U-Net (base 16 channels, ~0.3M parameters) and
+# the fmnist_noise conditional Glow (2 levels x 4 steps, width 32).
+#   denoise: sigma_y = 0.2 (configs/fmnist_noise.py)
+#   inpaint: random pixels dropped with p = 0.6, sigma_y = 0.01 (configs/fmnist_inpaint.py)
+#   blur:    9x9 Gaussian, std 2, sigma_y = 0.02 (configs/fmnist_blur.py)
+# `clean` never sees corruptions, so one clean run serves all three tasks.
+# Run from the repository root:
+#   bash experiments/fmnist/run.sh [PYTHON] [WORKDIR_ROOT]
+# Rerunning resumes unfinished runs from their checkpoints.
+set -e
+PY=${1:-.venv/bin/python}
+ROOT=${2:-workdirs/fmnist}
+COMMON="--config.model.base_channels=16 --config.model.num_groups=4 \
+ --config.training.batch_size=32 --config.training.num_train_steps=2000 \
+ --config.training.eval_every_steps=1000 --config.training.sample_every_steps=1000 \
+ --config.training.checkpoint_every_steps=250 --config.optim.learning_rate=1e-3 \
+ --config.optim.warmup_steps=100 --config.optim.ema_decay=0.995 --config.eval.num_samples=36 \
+ --config.eval.sample_steps=100 --config.amortized.beta_prior_warmup_steps=300"
+run() {  # task config method
+  start=$(date +%s)
+  $PY -m flowdiff_jax.main --config=configs/$2.py $COMMON --config.method=$3 \
+    --workdir=$ROOT/$1_$3
+  echo "$1 $3: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
+}
+mkdir -p $ROOT
+run any fmnist_noise clean
+for task in denoise:fmnist_noise inpaint:fmnist_inpaint blur:fmnist_blur; do
+  run ${task%%:*} ${task#*:} naive
+  run ${task%%:*} ${task#*:} flowdiff
+done
