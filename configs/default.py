@@ -121,6 +121,17 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   # GroupNorm groups (must divide every level's channel count).
   model.num_groups = 32
+  # Dtype the networks compute in: "float32" or "bfloat16". With "bfloat16" the
+  # U-Net's and the flow's coupling/conditioning convolutions and dense layers
+  # (and the activations between them) are bfloat16, with float32 parameters,
+  # optimiser and EMA; GroupNorm statistics, attention softmax, the flow's
+  # ActNorm, 1x1 convolutions, coupling scale/shift application and
+  # log-determinants, the noise schedule and every loss term stay float32 (the
+  # flow stays exactly invertible). Faster where bf16 matmuls are (GPU/TPU; on
+  # most CPUs it is slower). It changes results: losses move by ~1e-3 relative,
+  # so runs are not bit-comparable with float32 ones and a checkpoint resumes
+  # only with the same value. Evaluation and sampling of the run use it too.
+  model.compute_dtype = "float32"
 
   # --- Optimiser of the score network -----------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
@@ -207,6 +218,24 @@ def get_config() -> ml_collections.ConfigDict:
   training.batch_size = 128
   # Total number of optimisation steps.
   training.num_train_steps = 800_000
+  # Rematerialisation: the U-Net's residual/attention blocks and the flow's
+  # coupling networks recompute their activations in the backward pass instead
+  # of keeping them (jax.checkpoint): less device memory, about one extra
+  # forward pass of compute. Same parameters and, up to float rounding
+  # (~1e-6 relative), the same results; for batches that do not fit otherwise.
+  training.remat = False
+  # K training steps per dispatch: one jitted call runs K steps (lax.scan over K
+  # batches stacked on a leading axis), saving K-1 host round trips of Python
+  # and dispatch overhead; worth it when a step takes a few milliseconds
+  # (small models, fast accelerators). The same draws and updates as K=1 up to
+  # float rounding (~1e-7 relative: XLA fuses the scanned step differently), so
+  # runs with different K are not bit-identical, and resuming under another K
+  # needs --allow_config_change. num_train_steps and the log/eval/sample/
+  # checkpoint intervals must be multiples of K; a SIGTERM stops at the next
+  # dispatch boundary (after up to K more steps). The K steps are unrolled into
+  # one program (XLA:CPU runs rolled loops' bodies several times slower), so
+  # compilation takes about K times as long: keep K small (2-8).
+  training.steps_per_dispatch = 1
   # Write training metrics every N steps.
   training.log_every_steps = 100
   # Evaluate (held-out DSM loss) every N steps; 0 disables.

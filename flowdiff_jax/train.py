@@ -54,6 +54,12 @@ def _make_prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   return lambda local: prepare(data.global_batch(local, sharding))
 
 
+def _make_stack(mesh: jax.sharding.Mesh):
+  """Jitted [K step-batches] -> one batch with a leading K axis, as `train_steps` takes it."""
+  stack = lambda batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # noqa: E731
+  return jax.jit(stack, out_shardings=ts.stacked_batch_sharding(mesh))
+
+
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Averages a list of metric dicts; the only host sync of the training metrics."""
   stacked = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *history)
@@ -151,9 +157,10 @@ class _StopSignals:
   """SIGTERM / SIGINT -> finish the current step, save, stop (a context manager).
 
   One process: a Python handler notes the signal and the loop reads that flag
-  after every step (host memory only: no device sync). Under jax.distributed
+  after every dispatch, i.e. every step, or every training.steps_per_dispatch
+  steps (host memory only: no device sync). Under jax.distributed
   (several processes, or a one-host TPU slice) JAX's preemption service
-  catches SIGTERM and picks one step at which every process stops, read through
+  catches SIGTERM and picks one dispatch at which every process stops, read through
   `CheckpointManager.reached_preemption`; SIGINT is handed to it as a SIGTERM,
   so all processes save the same step. A second signal stops at once, without
   a checkpoint.
@@ -189,15 +196,20 @@ class _StopSignals:
       os.kill(os.getpid(), signum)
       return
     self.signum = signum
-    logging.warning("%s: finishing the current step, then saving a checkpoint and stopping "
+    logging.warning("%s: finishing the current step(s), then saving a checkpoint and stopping "
                     "(send it again to stop at once, without a checkpoint).", name)
     if self.coordinated:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier tells the other processes
 
-  def should_stop(self, step: int, manager) -> bool:
-    """Whether to save and stop after `step` (called after every step, on every process)."""
+  def should_stop(self, dispatch: int, manager) -> bool:
+    """Whether to save and stop now (called after every dispatch, on every process).
+
+    `dispatch` counts the loop's dispatches, one more at each call and the same
+    on every process (the step when one step goes per dispatch): JAX's sync
+    point is the first counter past every process's count at the signal.
+    """
     if self.coordinated:
-      return manager.reached_preemption(step)
+      return manager.reached_preemption(dispatch)
     return self.signum is not None
 
 
@@ -236,11 +248,17 @@ class _NonFiniteGuard:
 
 
 def _fetch_metrics(history: list[ts.Metrics]) -> list[dict[str, float]]:
-  """The per-step metrics of `history` on the host, with one host sync for all of them."""
+  """The per-step metrics of `history` on the host, with one host sync for all of them.
+
+  An entry holds one step's scalars (`train_step`) or several steps' [K] values
+  (`train_steps`); the result has one dict per step, in order.
+  """
   if not history:
     return []
-  stacked = jax.device_get({k: jnp.stack([m[k] for m in history]) for k in history[0]})
-  return [{k: float(v[i]) for k, v in stacked.items()} for i in range(len(history))]
+  stacked = jax.device_get({k: jnp.concatenate([jnp.reshape(m[k], (-1,)) for m in history])
+                            for k in history[0]})
+  num_steps = len(next(iter(stacked.values())))
+  return [{k: float(v[i]) for k, v in stacked.items()} for i in range(num_steps)]
 
 
 def _window_mean(window: list[dict[str, float]]) -> dict[str, float]:
@@ -257,8 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> ts.TrainState:
   """Trains `config.method` in `workdir`, resuming from its newest readable checkpoint.
 
-  While it runs, SIGTERM and SIGINT make it finish the current step, save a
-  checkpoint and raise `Preempted` (see `_StopSignals`).
+  While it runs, SIGTERM and SIGINT make it finish the current dispatch (one
+  step, or training.steps_per_dispatch steps), save a checkpoint and raise
+  `Preempted` (see `_StopSignals`).
 
   Args:
     config: the run's config.
@@ -321,6 +340,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   initial_step = int(jax.device_get(state.step))
 
   step_fn = ts.make_train_step(config, mesh)
+  per_dispatch = config.training.steps_per_dispatch
+  if per_dispatch > 1:
+    steps_fn, stack = ts.make_train_steps(config, mesh), _make_stack(mesh)
   eval_fn = ts.make_eval_step(config, mesh)
   has_flow = config.method in ts.FLOW_METHODS
   has_score = config.method in ts.SCORE_METHODS
@@ -359,22 +381,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   logging.info("Training %s on %s/%s from step %d to %d on %d devices.", config.method,
                config.data.dataset, config.operator.name, initial_step, tr.num_train_steps,
                jax.device_count())
-  for step in range(initial_step + 1, tr.num_train_steps + 1):
+  step, dispatch = initial_step, initial_step
+  while step < tr.num_train_steps:
+    # K steps per dispatch from a multiple of K, so that every interval (a
+    # multiple of K, see validate) ends on a dispatch boundary. A run resumed
+    # from a step that is not one (saved at a preemption under another K)
+    # takes single steps until it is.
+    k = per_dispatch if step % per_dispatch == 0 else 1
+    step += k
+    dispatch += 1
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = prepare_train(next(train_iter))
-      state, metrics = step_fn(state, batch, train_rng)
+      if k == 1:
+        state, metrics = step_fn(state, prepare_train(next(train_iter)), train_rng)
+      else:
+        batches = stack([prepare_train(next(train_iter)) for _ in range(k)])
+        state, metrics = steps_fn(state, batches, train_rng)
     history.append(metrics)
     report(step)
     last = step == tr.num_train_steps
-    preempted = stop.should_stop(step, manager) and not last
+    preempted = stop.should_stop(dispatch, manager) and not last
     save = step % tr.checkpoint_every_steps == 0 or last or preempted
     if step % tr.log_every_steps == 0 or save:
       # Skipped (non-finite) steps are judged only where the loop syncs anyway:
       # at log time and before a checkpoint is written, never once per step.
-      steps = range(step - len(history) + 1, step + 1)
-      window += _fetch_metrics(history)
+      fetched = _fetch_metrics(history)
       history = []
-      skipped = guard.update(steps, window[-len(steps):])
+      window += fetched
+      skipped = guard.update(range(step - len(fetched) + 1, step + 1), fetched)
       if skipped:
         logging.warning("Skipped the non-finite update of step(s) %s (%d in a row; "
                         "training.max_consecutive_nonfinite_steps=%d). Non-finite: %s.",

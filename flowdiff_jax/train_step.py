@@ -155,30 +155,46 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   return tx
 
 
-def _score_net(config: ml_collections.ConfigDict, channels: int):
-  name = config.model.get("name", "unet")
+def _compute_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The networks' compute dtype and remat flag (model.compute_dtype, training.remat).
+
+  Configs written before these fields existed get the defaults (float32, no remat).
+  """
+  name = str(config.model.get("compute_dtype", "float32"))
+  if name not in unet.COMPUTE_DTYPES:
+    raise ValueError(f"config.model.compute_dtype={name!r}: unknown value; allowed: "
+                     f"{', '.join(unet.COMPUTE_DTYPES)}")
+  return {"dtype": unet.COMPUTE_DTYPES[name],
+          "remat": bool(config.training.get("remat", False))}
+
+
+def _score_net(net_config: ml_collections.ConfigDict, channels: int, options: dict[str, Any]):
+  """The score network of `net_config`, computing as `options` (`_compute_options`) say."""
+  name = net_config.model.get("name", "unet")
   if name == "gaussian":
-    return gaussian.GaussianScore(schedule=diffusion.make_schedule(config.diffusion))
+    return gaussian.GaussianScore(schedule=diffusion.make_schedule(net_config.diffusion))
   # The time embedding sees t * T, as DDPM's network saw its integer steps.
-  return unet.unet_from_config(config.model, channels=channels).clone(
-      time_scale=float(config.diffusion.num_timesteps))
+  return unet.unet_from_config(net_config.model, channels=channels).clone(
+      time_scale=float(net_config.diffusion.num_timesteps), **options)
 
 
 def make_objective(config: ml_collections.ConfigDict, channels: int,
                    prior_config: ml_collections.ConfigDict | None = None) -> Objective:
   """The static part of the state; for "amortized" + "diffusion" the score net
-  and schedule come from the prior run's config."""
+  and schedule come from the prior run's config (its compute dtype and remat
+  from this run's: they do not change the parameters)."""
   net_config = prior_config if prior_config is not None else config
+  options = _compute_options(config)
   obj = Objective(method=config.method,
                   schedule=diffusion.make_schedule(net_config.diffusion),
                   operator=operators.make_operator(config.operator),
                   ema_decay=float(config.optim.ema_decay),
-                  score_net=_score_net(net_config, channels))
+                  score_net=_score_net(net_config, channels, options))
   if config.method not in FLOW_METHODS:
     return obj
   am = config.amortized
   return dataclasses.replace(
-      obj, flow=flow_lib.flow_from_config(config.flow),
+      obj, flow=flow_lib.flow_from_config(config.flow, **options),
       prior="diffusion" if config.method == "flowdiff" else am.prior,
       beta_data=float(am.beta_data), beta_prior=float(am.beta_prior),
       beta_ent=float(am.beta_ent), beta_prior_warmup_steps=int(am.beta_prior_warmup_steps),
@@ -422,6 +438,35 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   return new_state, metrics
 
 
+def train_steps(state: TrainState, batches: Batch, rng: jax.Array, *,
+                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+  """K consecutive `train_step`s in one call: a `lax.scan` over the batches' leading axis.
+
+  Args:
+    state, rng, axis_name: as in `train_step`.
+    batches: K batches of `train_step` stacked on a new leading axis:
+      {"x": [K, B, H, W, C]} or {"y": [K, B, H, W, C], "omega": {leaves [K, B, ...]}}.
+
+  Returns:
+    The state after the K updates, and the metrics of `train_step` for each of
+    the K steps, stacked: every value [K], in step order.
+
+  Each step folds its own `state.step` into `rng`, so the result is that of K
+  calls of `train_step` up to float rounding: XLA fuses the loop body
+  differently from a lone step, and some float32 reductions round otherwise
+  (~1e-7 relative; tests/test_perf_options.py). One dispatch instead of K
+  saves the per-call host overhead, which matters when a step takes a few
+  milliseconds.
+
+  The scan is unrolled: XLA:CPU ran the body of a rolled loop (a while loop)
+  6.5x slower than the same step alone (quickstart clean step, batch 8: 988
+  vs 151 ms per step; unrolled 138 ms). The price is compile time, about K
+  times a step's, so K is meant to be small.
+  """
+  body = functools.partial(train_step, rng=rng, axis_name=axis_name)
+  return jax.lax.scan(lambda s, batch: body(s, batch), state, batches, unroll=True)
+
+
 def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
                       num_samples: int, *, axis_name: str | None = None) -> jax.Array:
   """Draws [num_samples, B, H, W, C] from the flow's q(x | y, ω) ("amortized", "flowdiff").
@@ -520,6 +565,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """K stacked batches [K, B, ...] (`train_steps`): the batch axis split over "data"."""
+  return NamedSharding(mesh, P(None, "data"))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -543,6 +593,20 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                  donate_argnums=0)
+
+
+def make_train_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`train_steps` jitted over `mesh`: several steps per dispatch (training.steps_per_dispatch).
+
+  Returns a function (state, batches, rng) -> (state, metrics) where `batches`
+  holds K batches stacked on a leading axis (`stacked_batch_sharding(mesh)`)
+  and every metric is [K]; K is read from the batches' shape (one compilation
+  per K). The state passed in is donated: use the returned one.
+  """
+  _check_batch_splits(config, mesh)
+  rep = replicated(mesh)
+  return jax.jit(train_steps, in_shardings=(rep, stacked_batch_sharding(mesh), rep),
+                 out_shardings=(rep, rep), donate_argnums=0)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

@@ -13,6 +13,7 @@ import ml_collections
 
 from flowdiff_jax import diffusion, measurements, operators
 from flowdiff_jax.models.flow import COUPLINGS
+from flowdiff_jax.models.unet import COMPUTE_DTYPES
 from flowdiff_jax.train_step import FLOW_METHODS, METHODS, PRIORS, SCORE_MODELS
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a") + measurements.KINDS
@@ -176,6 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   dropout = config.model.dropout
   if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
     _fail("model.dropout", dropout, "must lie in [0, 1)")
+  _choice(config, "model.compute_dtype", tuple(COMPUTE_DTYPES))
 
   # Optimisers.
   _optimizer(config, "optim")
@@ -218,6 +220,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     _positive(config, f"training.{field}", integer=True)
   for field in ("eval_every_steps", "sample_every_steps"):
     _positive(config, f"training.{field}", strict=False, integer=True)
+  if not isinstance(_get(config, "training.remat"), bool):
+    _fail("training.remat", config.training.remat, "must be True or False")
+  _positive(config, "training.steps_per_dispatch", integer=True)
+  # The loop acts only between dispatches, so every event must fall on one.
+  per_dispatch = config.training.steps_per_dispatch
+  for field in ("num_train_steps", "log_every_steps", "eval_every_steps", "sample_every_steps",
+                "checkpoint_every_steps"):
+    value = config.training[field]
+    if value % per_dispatch:
+      _fail(f"training.{field}", value, f"must be a multiple of "
+            f"training.steps_per_dispatch={per_dispatch} (the loop logs, evaluates and saves "
+            f"only between dispatches); allowed: multiples of {per_dispatch}")
   for field, batch in (("training.batch_size", config.training.batch_size),
                        ("eval.batch_size", config.eval.batch_size)):
     if batch % num_devices:

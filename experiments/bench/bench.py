@@ -25,6 +25,21 @@ synthetic batch, then reports:
   pipeline, on-device corruption, step — on Fashion-MNIST configs, to compare
   with the bare step.
 
+The speed options of configs/default.py are measured through --set (applied
+to every run; documented there):
+
+  --set model.compute_dtype=bfloat16     # bf16 convs/matmuls, float32 params and losses
+  --set training.remat=True              # recompute block activations: compare temp_mib
+  --set training.steps_per_dispatch=4    # K steps per jitted call (lax.scan)
+
+With steps_per_dispatch K > 1 the step benchmark stacks K batches and times
+one dispatch of `train_step.make_train_steps`; step_ms, images_per_s and the
+FLOP rates are per step (dispatch time / K), compile_s is that of the K-step
+program, and gflop_per_device is the single step's (XLA's cost analysis of a
+loop may count its body once). The loop benchmark takes K batches, stacks
+them and dispatches once, as the training program does. Compare against a
+matmul of the same dtype: `--dtype=bfloat16` with compute_dtype=bfloat16.
+
 --device_counts runs each count in a fresh subprocess with that many fake CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) and the global
 batch scaled with it, so per-device throughput can be compared. On a GPU/TPU
@@ -124,26 +139,43 @@ def _synthetic_batch(config, mesh, batch_size: int):
   return jax.jit(prepare, out_shardings=ts.batch_sharding(mesh))(raw)
 
 
+def _flops(stage) -> float:
+  """FLOPs of a lowered or compiled program from XLA's cost analysis (nan if none)."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def bench_step(config, *, warmup: int, repeats: int) -> dict:
-  """Compile time, median step time, FLOPs and memory of `config`'s jitted train step."""
+  """Compile time, median step time, FLOPs and memory of `config`'s jitted train step.
+
+  With training.steps_per_dispatch K > 1 it times the K-step program on K
+  stacked batches; the times and rates it reports are per step.
+  """
   import jax
 
-  from flowdiff_jax import train_step as ts
+  from flowdiff_jax import train, train_step as ts
 
   mesh = ts.make_mesh()
+  k = config.training.get("steps_per_dispatch", 1)
   batch = _synthetic_batch(config, mesh, config.training.batch_size)
   with jax.threefry_partitionable(False):
     state = jax.jit(lambda r, b: ts.create_train_state(config, r, b),
                     out_shardings=ts.replicated(mesh))(jax.random.key(0), batch)
   rng = jax.random.key(1)
-  step = ts.make_train_step(config, mesh)
+  if k > 1:
+    # The single step's FLOPs, from its HLO: no second compilation.
+    flops = _flops(ts.make_train_step(config, mesh).lower(state, batch, rng))
+    batch = train._make_stack(mesh)([batch] * k)  # noqa: SLF001 (the loop's own)
+    step = ts.make_train_steps(config, mesh)
+  else:
+    step = ts.make_train_step(config, mesh)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  if k == 1:
+    flops = _flops(compiled)
   memory = compiled.memory_analysis()
 
   for _ in range(warmup):
@@ -154,11 +186,11 @@ def bench_step(config, *, warmup: int, repeats: int) -> dict:
     t = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / k)
   step_s = statistics.median(times)
   n = jax.device_count()
   result = {
-      "compile_s": compile_s, "step_ms": 1e3 * step_s,
+      "steps_per_dispatch": k, "compile_s": compile_s, "step_ms": 1e3 * step_s,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "images_per_s": config.training.batch_size / step_s,
       "images_per_s_per_device": config.training.batch_size / step_s / n,
@@ -166,7 +198,8 @@ def bench_step(config, *, warmup: int, repeats: int) -> dict:
       "tflops_per_s": flops * n / step_s / 1e12,
       "num_devices": n,
       "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-      "loss_finite": bool(jax.numpy.isfinite(metrics["loss"])) if "loss" in metrics else None,
+      "loss_finite": (bool(jax.numpy.all(jax.numpy.isfinite(metrics["train/loss"])))
+                      if "train/loss" in metrics else None),
   }
   if memory is not None:
     result["temp_mib"] = memory.temp_size_in_bytes / 2 ** 20
@@ -178,7 +211,11 @@ def bench_step(config, *, warmup: int, repeats: int) -> dict:
 
 
 def bench_loop(config, *, warmup: int, repeats: int) -> dict:
-  """Median step time of the real loop: grain pipeline + on-device corruption + step."""
+  """Mean step time of the real loop: grain pipeline + on-device corruption + step.
+
+  With training.steps_per_dispatch K > 1, each of the `repeats` dispatches
+  takes K batches, stacks them and runs K steps; loop_ms is per step.
+  """
   import jax
 
   from flowdiff_jax import data, train, train_step as ts
@@ -191,19 +228,26 @@ def bench_loop(config, *, warmup: int, repeats: int) -> dict:
   with jax.threefry_partitionable(False):
     state = jax.jit(lambda r, b: ts.create_train_state(config, r, b),
                     out_shardings=ts.replicated(mesh))(jax.random.key(0), batch)
-  step = ts.make_train_step(config, mesh)
+  k = config.training.get("steps_per_dispatch", 1)
+  if k > 1:
+    steps, stack = ts.make_train_steps(config, mesh), train._make_stack(mesh)  # noqa: SLF001
+    step = lambda state, rng: steps(  # noqa: E731
+        state, stack([prepare(next(it)) for _ in range(k)]), rng)
+  else:
+    single = ts.make_train_step(config, mesh)
+    step = lambda state, rng: single(state, prepare(next(it)), rng)  # noqa: E731
   rng = jax.random.key(1)
   for _ in range(warmup):
-    state, metrics = step(state, prepare(next(it)), rng)
+    state, metrics = step(state, rng)
   jax.block_until_ready((state, metrics))
   # As in train.py: no sync inside the loop; the metrics stay on device.
   t = time.perf_counter()
   history = []
   for _ in range(repeats):
-    state, metrics = step(state, prepare(next(it)), rng)
+    state, metrics = step(state, rng)
     history.append(metrics)
   jax.block_until_ready((state, history))
-  return {"loop_ms": 1e3 * (time.perf_counter() - t) / repeats}
+  return {"loop_ms": 1e3 * (time.perf_counter() - t) / (repeats * k)}
 
 
 def run_all(args) -> list[dict]:
@@ -224,6 +268,12 @@ def run_all(args) -> list[dict]:
         config.training.batch_size = bs * (jax.device_count() if per_device else 1)
         for assignment in args.set:
           _apply_override(config, assignment)
+        # The benchmark runs no logging, evaluation or checkpoints: their
+        # intervals are only rounded up to multiples of K so the config validates.
+        k = config.training.steps_per_dispatch
+        for field in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                      "sample_every_steps", "checkpoint_every_steps"):
+          config.training[field] = -(-config.training[field] // k) * k
         validate_config(config, num_devices=jax.device_count(), num_processes=1)
         row = {"config": name, "method": method, "batch_size": config.training.batch_size,
                "overrides": list(args.set)}
@@ -239,6 +289,7 @@ def run_all(args) -> list[dict]:
 
 def _table(rows: list[dict], peak: float) -> str:
   cols = [("config", "{}"), ("method", "{}"), ("batch_size", "{}"), ("num_devices", "{}"),
+          ("steps_per_dispatch", "{}"),
           ("params_m", "{:.1f}"), ("compile_s", "{:.1f}"), ("step_ms", "{:.1f}"),
           ("loop_ms", "{:.1f}"), ("images_per_s", "{:.1f}"),
           ("images_per_s_per_device", "{:.1f}"), ("gflop_per_device", "{:.1f}"),

@@ -20,6 +20,15 @@ Sign convention (used by every layer here and by the flow):
   At corresponding points (z = G⁻¹(x)) the two logdets are negatives of each
   other, and log q(x | c) = log N(z; 0, I) + forward logdet
                           = log N(z; 0, I) − inverse logdet.
+
+Precision: ``dtype`` (config.model.compute_dtype) is the compute dtype of the
+coupling and conditioning networks only (their convolutions; parameters stay
+float32). What the density depends on stays float32: ActNorm, the 1x1
+convolutions (at HIGHEST matmul precision), the coupling's scale and shift
+application and every log-determinant. A coupling net sees the same x1 in both
+directions, so the flow stays exactly invertible whatever its dtype.
+``remat`` recomputes the coupling nets' hidden activations in the backward
+pass instead of storing them. Neither changes the parameter tree.
 """
 
 from __future__ import annotations
@@ -210,14 +219,15 @@ class CouplingNet(nn.Module):
   """
   hidden_channels: int
   out_channels: int
+  dtype: Any = jnp.float32  # compute dtype; the output is in this dtype too
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    h = nn.relu(nn.Conv(self.hidden_channels, (3, 3), padding="SAME")(h))
-    h = nn.relu(nn.Conv(self.hidden_channels, (1, 1))(h))
+    h = nn.relu(nn.Conv(self.hidden_channels, (3, 3), padding="SAME", dtype=self.dtype)(h))
+    h = nn.relu(nn.Conv(self.hidden_channels, (1, 1), dtype=self.dtype)(h))
     return nn.Conv(self.out_channels, (3, 3), padding="SAME",
                    kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.zeros, name="zero_out")(h)
+                   bias_init=nn.initializers.zeros, name="zero_out", dtype=self.dtype)(h)
 
 
 class ConditionalCoupling(nn.Module):
@@ -228,10 +238,13 @@ class ConditionalCoupling(nn.Module):
     affine:   y2 = x2 · exp(s) + t,  logdet = Σ s,
     additive: y2 = x2 + t,           logdet = 0.
   A fresh coupling (zero-initialised last layer) is the identity.
-  x [B, H, W, C >= 2], cond [B, H, W, Cf] or None.
+  x [B, H, W, C >= 2], cond [B, H, W, Cf] or None. The net computes in
+  ``dtype``; t and s are cast back to x's dtype before they are applied.
   """
   hidden_channels: int
   coupling: str = "affine"
+  dtype: Any = jnp.float32   # compute dtype of the coupling net
+  remat: bool = False        # recompute the net's activations in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None, *,
@@ -242,7 +255,10 @@ class ConditionalCoupling(nn.Module):
     c2 = x2.shape[-1]
     h = x1 if cond is None else jnp.concatenate([x1, cond.astype(x1.dtype)], axis=-1)
     affine = self.coupling == "affine"
-    out = CouplingNet(self.hidden_channels, 2 * c2 if affine else c2, name="net")(h)
+    # nn.remat keeps the name "net": the same parameter tree either way.
+    net_cls = nn.remat(CouplingNet) if self.remat else CouplingNet
+    out = net_cls(self.hidden_channels, 2 * c2 if affine else c2, dtype=self.dtype,
+                  name="net")(h).astype(x.dtype)
     shift = out[..., :c2]
     if affine:
       log_scale = _LOG_SCALE_BOUND * jnp.tanh(out[..., c2:] / _LOG_SCALE_BOUND)
@@ -264,11 +280,14 @@ class FlowStep(nn.Module):
   hidden_channels: int
   coupling: str
   seed: int
+  dtype: Any = jnp.float32   # of the coupling net only
+  remat: bool = False
 
   def setup(self):
     self.actnorm = ActNorm()
     self.conv = InvConv1x1(seed=self.seed)
-    self.couple = ConditionalCoupling(self.hidden_channels, self.coupling)
+    self.couple = ConditionalCoupling(self.hidden_channels, self.coupling, dtype=self.dtype,
+                                      remat=self.remat)
 
   def __call__(self, x, cond, *, reverse: bool = False):
     layers = (self.actnorm, self.conv, lambda h, reverse: self.couple(h, cond, reverse=reverse))
@@ -283,18 +302,21 @@ class ConditioningNet(nn.Module):
   """h(cond_input): [B, H, W, Cc] -> features [B, H/2^(l+1), W/2^(l+1), channels], l < num_levels.
 
   conv3x3 stem, then per level a stride-2 conv3x3 and a conv3x3 (ReLU after each).
+  Features are in ``dtype``.
   """
   num_levels: int
   channels: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, c: jax.Array) -> list[jax.Array]:
-    h = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", name="stem")(c))
+    conv = lambda *args, **kwargs: nn.Conv(*args, dtype=self.dtype, **kwargs)  # noqa: E731
+    h = nn.relu(conv(self.channels, (3, 3), padding="SAME", name="stem")(c))
     feats = []
     for level in range(self.num_levels):
-      h = nn.relu(nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="SAME",
-                          name=f"down_{level}")(h))
-      h = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", name=f"conv_{level}")(h))
+      h = nn.relu(conv(self.channels, (3, 3), strides=(2, 2), padding="SAME",
+                       name=f"down_{level}")(h))
+      h = nn.relu(conv(self.channels, (3, 3), padding="SAME", name=f"conv_{level}")(h))
       feats.append(h)
     return feats
 
@@ -324,6 +346,8 @@ class ConditionalGlow(nn.Module):
   hidden_channels: int = 64   # coupling-net width
   cond_channels: int = 32     # conditioning features per level
   coupling: str = "affine"    # "affine" | "additive"
+  dtype: Any = jnp.float32    # compute dtype of the coupling/conditioning nets (module doc)
+  remat: bool = False         # recompute coupling-net activations in the backward pass
 
   def setup(self):
     if self.num_levels < 1:
@@ -332,9 +356,10 @@ class ConditionalGlow(nn.Module):
       raise ValueError(f"flow.num_steps must be >= 1, got {self.num_steps}")
     if self.coupling not in COUPLINGS:
       raise ValueError(f"flow.coupling must be one of {COUPLINGS}, got {self.coupling!r}")
-    self.cond_net = ConditioningNet(self.num_levels, self.cond_channels)
+    self.cond_net = ConditioningNet(self.num_levels, self.cond_channels, dtype=self.dtype)
     self.steps = [
-        FlowStep(self.hidden_channels, self.coupling, seed=level * self.num_steps + k)
+        FlowStep(self.hidden_channels, self.coupling, seed=level * self.num_steps + k,
+                 dtype=self.dtype, remat=self.remat)
         for level in range(self.num_levels) for k in range(self.num_steps)]
 
   def _check(self, x: jax.Array, cond_input: jax.Array) -> None:
@@ -463,9 +488,12 @@ def log_prob(flow: ConditionalGlow, params: Any, x: jax.Array, cond_input: jax.A
   return standard_normal_log_prob(z) + logdet
 
 
-def flow_from_config(cfg: Any) -> ConditionalGlow:
+def flow_from_config(cfg: Any, *, dtype: Any = jnp.float32,
+                     remat: bool = False) -> ConditionalGlow:
   """ConditionalGlow from ``config.flow`` (num_levels, num_steps, hidden_channels,
-  cond_channels, coupling; missing fields take the class defaults)."""
+  cond_channels, coupling; missing fields take the class defaults); ``dtype``
+  and ``remat`` (from config.model.compute_dtype, config.training.remat): see
+  the module docstring."""
   d = ConditionalGlow()
   get = cfg.get
   coupling = str(get("coupling", d.coupling))
@@ -477,4 +505,4 @@ def flow_from_config(cfg: Any) -> ConditionalGlow:
     if value < 1:
       raise ValueError(f"flow.{name} must be >= 1, got {value}")
     fields[name] = value
-  return ConditionalGlow(coupling=coupling, **fields)
+  return ConditionalGlow(coupling=coupling, dtype=dtype, remat=bool(remat), **fields)
