@@ -473,7 +473,7 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
   logging.info("Loaded %s (method %s) at step %d.", workdir, config.method, step)
   post_rng, sample_rng = jax.random.split(jax.random.key(opts.seed))
   results: dict[str, Any] = {
-      "run": {"workdir": os.path.abspath(workdir), "method": config.method, "step": step,
+      "run": {"workdir": workdir, "method": config.method, "step": step,
               "dataset": config.data.dataset, "image_shape": list(data.image_shape(config)),
               "operator": config.operator.name, "sigma_y": config.operator.sigma_y},
       "options": dataclasses.asdict(opts), "figures": []}

@@ -10,18 +10,21 @@
 # Run from the repository root once the priors are trained:
 #   bash experiments/inverse/run.sh [PYTHON]
 # Environment:
-#   PRIORS      "label=workdir ..." (default: the three runs of
-#               experiments/flowdiff_fmnist/run.sh)
-#   NUM_IMAGES  test images per task (default 64; a multiple of BATCH)
+#   PRIORS      "label=workdir ..." (default: the clean run and the denoising
+#               naive and flowdiff runs of experiments/fmnist/run.sh; the
+#               latter two learned their prior from noisy images only)
+#   NUM_IMAGES  test images per task (default 32; a multiple of BATCH)
 #   BATCH       images solved together (default 32)
+#   SOLVERS     comma-separated solvers (default dps,pigdm)
 #   OUT         results folder (default experiments/inverse/results)
 # Writes OUT/<label>/<task>/{metrics.json,metrics.md,grid.png}, OUT/table.md
 # (all priors and tasks) and OUT/wall_times.txt.
 set -e
 PY=${1:-.venv/bin/python}
-PRIORS=${PRIORS:-"clean=workdirs/flowdiff_fmnist/clean naive=workdirs/flowdiff_fmnist/naive flowdiff=workdirs/flowdiff_fmnist/flowdiff"}
-NUM_IMAGES=${NUM_IMAGES:-64}
+PRIORS=${PRIORS:-"clean=workdirs/fmnist/any_clean naive=workdirs/fmnist/denoise_naive flowdiff=workdirs/fmnist/denoise_flowdiff"}
+NUM_IMAGES=${NUM_IMAGES:-32}
 BATCH=${BATCH:-32}
+SOLVERS=${SOLVERS:-dps,pigdm}
 OUT=${OUT:-experiments/inverse/results}
 mkdir -p "$OUT"
 for prior in $PRIORS; do
@@ -30,7 +33,7 @@ for prior in $PRIORS; do
   for task in inpaint denoise deblur; do
     start=$(date +%s)
     "$PY" -m flowdiff_jax.inverse --workdir="$workdir" --task=$task --label="$label" \
-        --num_images="$NUM_IMAGES" --batch_size="$BATCH" --output_dir="$OUT/$label/$task"
+        --num_images="$NUM_IMAGES" --batch_size="$BATCH" --solvers="$SOLVERS" --output_dir="$OUT/$label/$task"
     echo "$label $task: $(( $(date +%s) - start )) s" | tee -a "$OUT/wall_times.txt"
   done
 done
