@@ -340,6 +340,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   initial_step = int(jax.device_get(state.step))
 
   step_fn = ts.make_train_step(config, mesh)
+  # Replicated once here, not copied to every device by each step call.
+  train_rng = jax.device_put(train_rng, rep)
   per_dispatch = config.training.steps_per_dispatch
   if per_dispatch > 1:
     steps_fn, stack = ts.make_train_steps(config, mesh), _make_stack(mesh)

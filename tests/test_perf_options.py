@@ -259,3 +259,47 @@ def test_run_resumed_under_other_steps_per_dispatch_ends_at_the_same_params(
                                      allow_config_change=True)
   assert int(resumed.step) == 4
   _assert_states_close(resumed, reference)
+
+
+# ---------------------------------------------------------------------------
+# The loop around the step.
+
+
+@pytest.mark.parametrize("per_dispatch", [1, 2])
+def test_loop_compiles_its_step_once_and_feeds_it_device_arrays_only(
+    tmp_path, mock_fashion_mnist, monkeypatch, per_dispatch):  # noqa: F811
+  """6 steps with logging, an eval and two checkpoints in between: the jitted step
+  compiles once (no retrace from a changed shape, dtype, sharding or weak type
+  after a save or an eval) and every call gets arrays already on the device
+  (an implicit host transfer inside the call raises under the transfer guard)."""
+  called = {}  # jitted step -> its cache size after its first call
+
+  def spy(make):
+    def wrapped(config, mesh):
+      fn = make(config, mesh)
+
+      def guarded(*args):
+        with jax.transfer_guard("disallow"):
+          out = fn(*args)
+        # The compilation cache's size once the first call has compiled.
+        called.setdefault(fn, fn._cache_size())  # noqa: SLF001
+        return out
+      return guarded
+    return wrapped
+
+  monkeypatch.setattr(ts, "make_train_step", spy(ts.make_train_step))
+  monkeypatch.setattr(ts, "make_train_steps", spy(ts.make_train_steps))
+  config = tiny.get_config()
+  config.method = "naive"
+  config.data.fmnist_idx_dir = ""  # the mocked tfds source
+  config.training.update(num_train_steps=6, steps_per_dispatch=per_dispatch, log_every_steps=2,
+                         eval_every_steps=2, sample_every_steps=0, checkpoint_every_steps=2)
+  state = train.train_and_evaluate(config, str(tmp_path))
+
+  assert int(state.step) == 6
+  # One jitted form is called (the K-step one when K > 1), and nothing compiled
+  # after its first call. (Compared with the size after the first call, not
+  # with 1: jit objects of the same function and options share one cache, which
+  # earlier tests may have filled.)
+  assert len(called) == 1
+  assert [fn._cache_size() for fn in called] == list(called.values())  # noqa: SLF001
