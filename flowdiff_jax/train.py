@@ -340,8 +340,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   initial_step = int(jax.device_get(state.step))
 
   step_fn = ts.make_train_step(config, mesh)
-  # Replicated once here, not copied to every device by each step call.
-  train_rng = jax.device_put(train_rng, rep)
+  # Replicated once here, not copied to every device by each step call. (A
+  # jitted identity, as the step itself took it: device_put cannot target the
+  # devices of other processes.)
+  train_rng = jax.jit(lambda key: key, in_shardings=rep, out_shardings=rep)(train_rng)
   per_dispatch = config.training.steps_per_dispatch
   if per_dispatch > 1:
     steps_fn, stack = ts.make_train_steps(config, mesh), _make_stack(mesh)
