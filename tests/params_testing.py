@@ -1,4 +1,4 @@
-"""Helpers shared by the network tests."""
+"""Helpers shared by the network and training-step tests."""
 
 import functools
 
@@ -21,3 +21,9 @@ def perturb(params, seed, scale=0.05):
     phase = jnp.arange(p.size, dtype=jnp.float32) * 0.618034 + 2.71 * i + seed
     out.append(p + scale * jnp.sin(131.0 * phase).reshape(p.shape))
   return jax.tree.unflatten(treedef, out)
+
+
+def observation_batch(seed=1, n=8, size=8):
+  """A training batch of n uniform [-1, 1] single-channel size×size observations, no ω."""
+  y = jax.random.uniform(jax.random.key(seed), (n, size, size, 1), minval=-1, maxval=1)
+  return {"y": y, "omega": {}}

@@ -19,6 +19,7 @@ import pytest
 
 from configs import default, tiny
 from flowdiff_jax import oracle, train_step as ts
+import params_testing
 
 _SIZE = 8
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -37,9 +38,8 @@ def _config(method="flowdiff"):
   return config
 
 
-def _batch(seed=1, n=8):
-  y = jax.random.uniform(jax.random.key(seed), (n, _SIZE, _SIZE, 1), minval=-1, maxval=1)
-  return {"y": y, "omega": {}}
+def _batch(seed=1):
+  return params_testing.observation_batch(seed, size=_SIZE)
 
 
 def _state(config, batch):

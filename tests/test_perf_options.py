@@ -36,9 +36,8 @@ def _config(method="flowdiff", model="unet", **training):
   return config
 
 
-def _batch(seed=1, n=8):
-  y = jax.random.uniform(jax.random.key(seed), (n, _SIZE, _SIZE, 1), minval=-1, maxval=1)
-  return {"y": y, "omega": {}}
+def _batch(seed=1):
+  return params_testing.observation_batch(seed, size=_SIZE)
 
 
 def _perturbed_state(config, batch):
