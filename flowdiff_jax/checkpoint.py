@@ -12,6 +12,9 @@ out of reach of orbax's `max_to_keep` rotation, never deleted.
 
 Resuming also checks that the checkpoint's config is this run's, up to the
 fields in RESUMABLE_FIELDS (`check_resume_config`, `IncompatibleCheckpointError`).
+
+Reading a finished run back for the tools (`load_run`, `load_prior`) is in
+`flowdiff_jax.runs`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowdiff_jax.train_step import TrainState
+from flowdiff_jax.step import TrainState
 
 # Config fields that may differ between a run and the checkpoint it resumes.
 # They change how long the run goes, what is logged, evaluated or kept and
@@ -63,8 +66,11 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
                                options=options)
 
 
-def _arrays(state: TrainState) -> dict:
-  # Only the arrays are saved; functions and the objective come from the config.
+def saved_arrays(state: TrainState) -> dict:
+  """The part of `state` a checkpoint holds: its arrays (also as a template to restore into).
+
+  Functions and the objective are not saved: they come from the config.
+  """
   return {"step": state.step, "params": state.params, "ema_params": state.ema_params,
           "opt_state": state.opt_state}
 
@@ -74,7 +80,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter,
   """Saves at step `state.step` (asynchronously; `manager.wait_until_finished()` to block)."""
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_arrays(state)),
+      state=ocp.args.StandardSave(saved_arrays(state)),
       data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(config.to_dict())))
 
@@ -113,7 +119,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter,
   """
   directory = os.fspath(manager.directory)
   partial = _set_aside_partial_saves(directory)
-  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
+  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_arrays(state))
   restored, failed = None, []
   for step in sorted(manager.all_steps(), reverse=True):
     problem = None
@@ -301,7 +307,7 @@ def config_diff(stored: Mapping, config: ml_collections.ConfigDict | Mapping
   A field added to configs/default.py after the checkpoint was written counts
   with its default value there; a field missing on either side shows as "<absent>".
   """
-  from configs import default  # noqa: PLC0415
+  from flowdiff_jax.configs import default  # noqa: PLC0415
 
   before = _flat(_as_stored(default.get_config()))
   before.update(_flat(_as_stored(stored)))
@@ -352,7 +358,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     return None
-  manager, _ = _read_only_manager(workdir)
+  manager, _ = read_only_manager(workdir)
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
@@ -367,132 +373,11 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
     manager.close()
 
 
-def _read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:
+def read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:
+  """(A manager that only reads `workdir`/checkpoints, that directory); close it when done."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "config": ocp.JsonCheckpointHandler()})
   return manager, directory
-
-
-def _stored_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  """The config saved with `step`, with today's defaults for fields added since it was written."""
-  from configs import default  # noqa: PLC0415
-
-  stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  config = default.get_config()
-
-  def merge(into: ml_collections.ConfigDict, values: dict) -> None:
-    for key, value in values.items():
-      if isinstance(value, dict) and isinstance(into.get(key), ml_collections.ConfigDict):
-        merge(into[key], value)
-      else:
-        with into.unlocked():
-          into[key] = value
-
-  merge(config, stored)
-  return config
-
-
-def load_run(workdir: str, step: int | None = None,
-             sharding: jax.sharding.Sharding | None = None
-             ) -> tuple[ml_collections.ConfigDict, TrainState]:
-  """The config and full TrainState of a finished or running training run.
-
-  For tools that use a trained run (evaluation, inverse problems, export): no
-  data, prior workdir or training program is needed, only `workdir`.
-
-  Args:
-    workdir: the run's workdir (the one passed to `flowdiff_jax.main`).
-    step: the checkpoint to load; the newest when None.
-    sharding: where the arrays go; replicated over all local devices when None.
-
-  Returns:
-    (config, state) with `state.params` and `state.ema_params` as trained.
-
-  Raises:
-    FileNotFoundError: `workdir` has no (such) checkpoint.
-  """
-  from flowdiff_jax import data, operators, train_step as ts  # noqa: PLC0415 (import cycle)
-
-  manager, directory = _read_only_manager(workdir)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    manager.close()
-    raise FileNotFoundError(f"No checkpoint{'' if step is None else f' at step {step}'} in "
-                            f"{directory}; steps there: {list(manager.all_steps())}.")
-  config = _stored_config(manager, step)
-  stored = manager.item_metadata(step)["state"]
-  stored = getattr(stored, "tree", stored)
-  shape = data.image_shape(config)
-  op = operators.make_operator(config.operator)
-  prior_params = prior_config = None
-  if config.method == "amortized":
-    # The frozen prior's shapes come from the checkpoint itself, so the run
-    # that trained it need not exist any more; its U-Net settings are in the
-    # prior workdir's config only when that run is still there.
-    prior_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                stored["params"]["prior"])
-    if config.amortized.prior == "diffusion":
-      prior_config = load_prior_config(config.amortized.prior_workdir)
-
-  def init(prior_params):
-    raw = {"image": jax.numpy.zeros((1, *shape), jax.numpy.uint8),
-           "index": jax.numpy.zeros((1,), jax.numpy.int32)}
-    batch = data.prepare_batch(raw, op, 0, keep_clean=True)
-    return ts.create_train_state(config, jax.random.key(0), batch, prior_params=prior_params,
-                                 prior_config=prior_config)
-
-  abstract = jax.eval_shape(init, prior_params)
-  if sharding is None:
-    sharding = ts.replicated(ts.make_mesh(jax.local_devices()))
-  template = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), _arrays(abstract))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template)))["state"]
-  manager.close()
-  return config, abstract.replace(**restored)
-
-
-def load_prior_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of the newest checkpoint in `workdir` (of the run that trained a prior)."""
-  manager, directory = _read_only_manager(workdir)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {directory}.")
-  config = _stored_config(manager, step)
-  manager.close()
-  return config
-
-
-def load_prior(workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
-  """The config and EMA score params of the newest checkpoint of a clean/naive run.
-
-  Raises:
-    FileNotFoundError: `workdir` has no checkpoint.
-    ValueError: the run is not a diffusion-prior run.
-  """
-  from flowdiff_jax import data, train_step as ts  # noqa: PLC0415 (avoid an import cycle)
-
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {directory}: train a clean or naive run there first "
-        "(--config.method=clean --workdir=...) and pass that workdir as "
-        "--config.amortized.prior_workdir.")
-  config = ml_collections.ConfigDict(
-      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-  if config.method not in ("clean", "naive"):
-    raise ValueError(f"The run in {workdir} has method {config.method!r}; a prior comes from "
-                     "a 'clean' or 'naive' run.")
-  shape = data.image_shape(config)
-  abstract = jax.eval_shape(lambda: ts.create_train_state(
-      config, jax.random.key(0), {"x": jax.numpy.zeros((1, *shape))}))
-  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(abstract))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template)))["state"]
-  manager.close()
-  return config, restored["ema_params"]["score"]

@@ -12,7 +12,7 @@ What a training step sees is built in two stages:
    with `operators.corrupt`, whose noise draw and mask depend only on
    (data.corruption_seed, index). So each training example carries one fixed
    corruption, identical in every epoch, on any device count and after a resume
-   (DESIGN 2.5). Methods that must not see clean images get no `"x"` key.
+   (docs/design.md §2.5). Methods that must not see clean images get no `"x"` key.
 
 Sources, tried in this order for each tfds dataset:
 * Fashion-MNIST: the idx files of the Debian package `dataset-fashion-mnist`
@@ -36,13 +36,14 @@ expected.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import copy
 import dataclasses
 import gzip
 import os
-import socket
+from typing import Any
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
 
 import grain
 import jax
@@ -51,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from flowdiff_jax import measurements, operators
-from flowdiff_jax.measurements import DataError  # noqa: F401  (re-exported: the data errors)
+from flowdiff_jax.measurements import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +189,7 @@ def check_image(image: np.ndarray, what: str, spec: DatasetSpec, resized: bool =
   if image.dtype != np.uint8:
     raise DataError(f"{what}: image dtype {image.dtype}; expected uint8 (0..255).")
   side = spec.native_size
-  expected = "[H, W, %d]" % spec.channels if resized else f"[{side}, {side}, {spec.channels}]"
+  expected = f"[H, W, {spec.channels}]" if resized else f"[{side}, {side}, {spec.channels}]"
   if image.ndim != 3 or image.shape[-1] != spec.channels or (
       not resized and image.shape[:2] != (side, side)):
     raise DataError(f"{what}: image shape {image.shape}; expected {expected}.")
@@ -200,13 +201,13 @@ def _download_reachable(url: str, timeout_s: float = 5.0) -> bool:
     urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
   except urllib.error.HTTPError:
     return True  # the host is there; tfds knows how to talk to it
-  except (urllib.error.URLError, socket.timeout, OSError):
+  except (TimeoutError, urllib.error.URLError, OSError):
     return False
   return True
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, idx_dir: str = ""):
-  import tensorflow_datasets as tfds  # heavy; only the training program needs it
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only the training program needs it)
 
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
@@ -264,7 +265,7 @@ def _resize_fn(config: ml_collections.ConfigDict):
     h, w = image.shape[:2]
     if (h, w) == (size, size):
       return image
-    from PIL import Image  # only needed when images change size (celeb_a)
+    from PIL import Image  # noqa: PLC0415 (only needed when images change size: celeb_a)
 
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -435,33 +436,33 @@ def prepare_batch(raw: dict[str, jax.Array], op: operators.Operator, corruption_
   return batch
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, np.ndarray],
+                 sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """Assembles each process's batch into global arrays sharded along the batch axis."""
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
 
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str | None = None,
-                   *, write: bool = True) -> ml_collections.ConfigDict:
-  """Fills in what measurement files decide, in place, before validation; a no-op for tfds data.
+def resolve_config(config: ml_collections.ConfigDict
+                   ) -> tuple[ml_collections.ConfigDict, dict[str, Any] | None]:
+  """What measurement files decide, filled into a copy of `config` (tfds data: an unchanged copy).
 
   For `data.dataset` "npz"/"folder": reads and checks every file (DataError
   names the file), sets `data.image_size` and `data.channels` from them (or
   checks that set values match), and estimates σ_y with
-  `measurements.estimate_sigma_y`. The estimate is always logged and written
-  to `<workdir>/sigma_y_estimate.json` (when `write`); it replaces
-  `operator.sigma_y` when `data.estimate_sigma_y` is true. The resolved config
-  is the one saved in checkpoints, so `checkpoint.load_run` and the export
-  need no files to know the shapes and σ_y.
+  `measurements.estimate_sigma_y`; the estimate replaces `operator.sigma_y`
+  when `data.estimate_sigma_y` is true. The resolved config is the one saved
+  in checkpoints, so a finished run's loader and the export need no files to
+  know the shapes and σ_y. `config` itself is not changed.
 
   Returns:
-    `config` (modified in place).
+    (the resolved config, the σ_y report of `measurements.sigma_report` or
+    None for tfds data).
   """
+  config = copy.deepcopy(config)
   if not is_measured(config):
-    return config
-  from absl import logging  # noqa: PLC0415
-
+    return config, None
   m = measurements.load(config)
   h, w, c = m.image_shape
   for field, found in (("image_size", h), ("channels", c)):
@@ -482,10 +483,35 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str | None = None
         "needed): σ_y cannot be estimated from these data; set operator.sigma_y instead.")
   if use:
     config.operator.sigma_y = report["sigma_y_estimate"]
-  logging.info("σ_y of %s: Haar-MAD estimate %.4g ([-1, 1] scale; %.4g in file units, %d "
-               "blocks); using %s = %.4g.", config.data.path, report["sigma_y_estimate"],
-               report["sigma_y_estimate_file_units"], report["blocks_used"],
-               "the estimate" if use else "operator.sigma_y", report["sigma_y_used"])
-  if write and workdir is not None:
-    measurements.write_json(os.path.join(workdir, "sigma_y_estimate.json"), report)
-  return config
+  return config, report
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """A run's data, asked once at the start and passed to what needs it.
+
+  Attributes:
+    config: the resolved config (`resolve_config`): read, never rewritten.
+    image_shape: (H, W, C) of the model's images.
+    train_source: the random-access training source (`make_source`), opened once.
+    sigma_report: the σ_y estimate of measurement files (None for tfds data).
+  """
+  config: ml_collections.ConfigDict
+  image_shape: tuple[int, int, int]
+  train_source: Any
+  sigma_report: dict[str, Any] | None = None
+
+  @classmethod
+  def open(cls, config: ml_collections.ConfigDict,
+           sigma_report: dict[str, Any] | None = None) -> RunData:
+    """Opens the training source of a resolved, validated config."""
+    return cls(config=config, image_shape=image_shape(config),
+               train_source=make_source(config, "train"), sigma_report=sigma_report)
+
+  def train_dataset(self, **process) -> grain.IterDataset:
+    """This process's training batches (`train_dataset`); a fresh iterator each call."""
+    return train_dataset(self.config, self.train_source, **process)
+
+  def eval_batches(self, **process) -> list[dict[str, np.ndarray]]:
+    """This process's held-out batches (`eval_batches`)."""
+    return eval_batches(self.config, **process)

@@ -13,14 +13,15 @@ Images are on the [-1, 1] scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from flowdiff_jax import rng as rng_lib
+from flowdiff_jax import rng as rng_lib, sampling
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -32,7 +33,7 @@ PRIOR_GRADIENTS = ("exact", "sds")  # nll_bound's x-gradient of the diffusion te
 
 @dataclasses.dataclass(frozen=True)
 class VPSchedule:
-  """Variance-preserving schedule: alpha_t^2 = sigmoid(lambda(t)), sigma_t^2 = sigmoid(-lambda(t)), t in [0,1].
+  """VP schedule: alpha_t^2 = sigmoid(lambda(t)), sigma_t^2 = sigmoid(-lambda(t)), t in [0, 1].
 
   Frozen and hashable, so it can be a static argument of `jax.jit`.
 
@@ -196,20 +197,16 @@ def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array, 
   return jnp.mean(jnp.square(err), axis=tuple(range(1, x.ndim)))
 
 
-def _predict_x0(x, eps_hat, alpha, sigma, clip):
-  x0 = (x - sigma * eps_hat) / alpha
-  return jnp.clip(x0, -1.0, 1.0) if clip else x0
-
-
 def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
            shape: tuple[int, ...], *, sampler: str = "ddim",
            num_steps: int = 100, clip: bool = True) -> jax.Array:
   """Draws x0 ~ p_theta by integrating the reverse process from t = 1 to t_min.
 
-  The time grid is uniform in t, num_steps steps from 1 to schedule.t_min;
-  a final denoising step x0 = (x - sigma eps_hat)/alpha at t_min follows
-  (what every sampler gives for the step t_min -> 0), so the cost is
-  num_steps + 1 evaluations of eps_fn (2 num_steps + 1 for "heun").
+  The steps are those of `flowdiff_jax.sampling` on its `time_grid`:
+  num_steps steps uniform in t from 1 to schedule.t_min, then the final
+  denoising step x0 = (x - sigma eps_hat)/alpha at t_min (what every sampler
+  gives for the step t_min -> 0), so the cost is num_steps + 1 evaluations of
+  eps_fn (2 num_steps + 1 for "heun").
 
   Args:
     eps_fn: (x_t [B,...], t [B]) -> eps_hat [B,...]. To jit, wrap the call in a
@@ -220,9 +217,9 @@ def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
     schedule: the VP schedule (static).
     rng: PRNG key for x_1 ~ N(0, I) and the ancestral noise.
     shape: output shape, e.g. (B, H, W, C) (static).
-    sampler: "ancestral" (DDPM ancestral steps with q(x_s | x_t, x0_hat)),
-      "ddim" (eta = 0, deterministic), or "heun" (probability-flow ODE,
-      second order; deterministic).
+    sampler: "ancestral" (DDPM ancestral steps with q(x_s | x_t, x0_hat):
+      `sampling.reverse_step` at eta = 1), "ddim" (eta = 0, deterministic),
+      or "heun" (probability-flow ODE, second order; deterministic).
     num_steps: number of steps on the grid (static).
     clip: clip x0_hat to [-1, 1] inside "ancestral"/"ddim" steps and the
       final output to [-1, 1].
@@ -233,68 +230,27 @@ def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  batch = shape[0]
   init_rng, step_rng = jax.random.split(rng)
   # alpha_1 is tiny (~7e-3 for the linear kind), so N(0, I) is the prior.
   x = jax.random.normal(init_rng, shape, jnp.float32)
-  ts = jnp.linspace(1.0, schedule.t_min, num_steps + 1, dtype=jnp.float32)
-
-  def coeffs(t):
-    lam = schedule.log_snr(t)
-    alpha, sigma = schedule.alpha_sigma(t)
-    return lam, alpha, sigma
-
-  def eps_at(x, t):
-    return eps_fn(x, jnp.full((batch,), t, jnp.float32)).astype(jnp.float32)
-
-  def ancestral_step(x, t, s, key):
-    lam_t, alpha_t, sigma_t = coeffs(t)
-    lam_s, alpha_s, sigma_s = coeffs(s)
-    x0 = _predict_x0(x, eps_at(x, t), alpha_t, sigma_t, clip)
-    # c = 1 - SNR_t/SNR_s = sigma_{t|s}^2 / sigma_t^2, via expm1 for small steps.
-    c = -jnp.expm1(lam_t - lam_s)
-    mean = alpha_s * ((1.0 - c) * x / alpha_t + c * x0)
-    std = jnp.sqrt(c) * sigma_s
-    return mean + std * jax.random.normal(key, shape, jnp.float32)
-
-  def ddim_step(x, t, s, key):
-    del key
-    _, alpha_t, sigma_t = coeffs(t)
-    _, alpha_s, sigma_s = coeffs(s)
-    eps_hat = eps_at(x, t)
-    x0 = _predict_x0(x, eps_hat, alpha_t, sigma_t, clip)
-    if clip:  # keep eps consistent with the clipped x0 (exact when unclipped)
-      eps_hat = (x - alpha_t * x0) / sigma_t
-    return alpha_s * x0 + sigma_s * eps_hat
-
-  def heun_step(x, t, s, key):
-    # In y = x / alpha and rho = sigma / alpha = exp(-lambda/2) the
-    # probability-flow ODE is dy/drho = eps_hat(alpha y, t): no linear drift,
-    # so an explicit Euler step there is exactly DDIM and Heun corrects it.
-    del key
-    _, alpha_t, sigma_t = coeffs(t)
-    _, alpha_s, sigma_s = coeffs(s)
-    rho_t, rho_s = sigma_t / alpha_t, sigma_s / alpha_s
-    y = x / alpha_t
-    d1 = eps_at(x, t)
-    y_euler = y + (rho_s - rho_t) * d1
-    d2 = eps_at(alpha_s * y_euler, s)
-    return alpha_s * (y + (rho_s - rho_t) * 0.5 * (d1 + d2))
-
-  step_fn = {"ancestral": ancestral_step, "ddim": ddim_step,
-             "heun": heun_step}[sampler]
+  ts, ss = sampling.time_grid(schedule, num_steps)
 
   def body(x, inputs):
     t, s, key = inputs
-    return step_fn(x, t, s, key), None
+    if sampler == "heun":
+      return sampling.heun_step(eps_fn, schedule, x, t, s), None
+    x0, eps = sampling.denoise(eps_fn, schedule, x, t)
+    eta = 1.0 if sampler == "ancestral" else 0.0
+    noise = jax.random.normal(key, shape, jnp.float32) if eta else None
+    return sampling.reverse_step(schedule, x, x0, t, s, eta=eta, clip=clip, noise=noise,
+                                 eps=eps), None
 
+  # One key per step on the grid 1 -> t_min; the final step draws no noise.
   keys = jax.random.split(step_rng, num_steps)
-  x, _ = jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))
-
+  x, _ = jax.lax.scan(body, x, (ts[:-1], ss[:-1], keys))
   # Final denoise at t_min: the t_min -> 0 step of each sampler.
-  _, alpha, sigma = coeffs(ts[-1])
-  x0 = (x - sigma * eps_at(x, ts[-1])) / alpha
-  return jnp.clip(x0, -1.0, 1.0) if clip else x0
+  x0, eps = sampling.denoise(eps_fn, schedule, x, ts[-1])
+  return sampling.reverse_step(schedule, x, x0, ts[-1], ss[-1], eta=0.0, clip=clip, eps=eps)
 
 
 def nll_bound(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array, *,
@@ -309,7 +265,7 @@ def nll_bound(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array,
   with a Gaussian decoder p(x | z) = N(z / alpha, sigma^2 / alpha^2) at
   t_min, whose expectation is the constant D/2 (1 + log 2 pi - lambda(t_min)).
   The bound is differentiable in x (through eps_fn) and in the network; it is
-  what the flow minimises as -log p_theta(x) (DESIGN 2.2), and for the exact
+  what the flow minimises as -log p_theta(x) (docs/design.md §2.2), and for the exact
   score of a Gaussian it is within the decoder's tiny noise of the true NLL.
 
   The diffusion term is estimated with draws (t, eps), each weighted by

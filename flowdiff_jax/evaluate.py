@@ -4,7 +4,7 @@ r"""Evaluates a trained run: posterior recovery, generation metrics and figures.
       [--num_samples=10000] [--sampler=ddim --sample_steps=100] \
       [--inception_weights=fid_inception.npz] [--output=DIR]
 
-restores the run's newest checkpoint (or --step) with `checkpoint.load_run`
+restores the run's newest checkpoint (or --step) with `runs.load_run`
 and writes to --output (default <workdir>/eval):
 
   metrics.json   every number below, with the settings, the hardware and the wall time;
@@ -33,17 +33,16 @@ training observations (what `naive` imitates).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import datetime
 import functools
 import glob
-import json
 import math
 import os
-import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import app, flags, logging
 import jax
@@ -51,7 +50,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flowdiff_jax import checkpoint, data, evaluation, operators, train_step as ts
+from flowdiff_jax import (
+  data,
+  evaluation,
+  methods,
+  operators,
+  parallel,
+  reporting,
+  runs,
+  sampling,
+  step as step_lib,
+)
 from flowdiff_jax.models import classifier, inception
 
 
@@ -104,7 +113,7 @@ def feature_extractors(config: ml_collections.ConfigDict, opts: Options) -> list
 
 def _shard(mesh: jax.sharding.Mesh, size: int):
   """Batch sharding when the batch splits over the devices, else replicated."""
-  return ts.batch_sharding(mesh) if size % mesh.size == 0 else ts.replicated(mesh)
+  return parallel.batch_sharding(mesh) if size % mesh.size == 0 else parallel.replicated(mesh)
 
 
 def _batches(config: ml_collections.ConfigDict, split: str, num: int, batch_size: int, *,
@@ -135,12 +144,6 @@ def _batches(config: ml_collections.ConfigDict, split: str, num: int, batch_size
   return out
 
 
-def _mean_sem(values: np.ndarray) -> dict[str, float]:
-  values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()),
-          "sem": float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0}
-
-
 # --------------------------------------------------------------------------
 # Posterior recovery.
 # --------------------------------------------------------------------------
@@ -148,8 +151,8 @@ def _mean_sem(values: np.ndarray) -> dict[str, float]:
 
 def _posterior_fn(num_samples: int, num_shown: int):
   def fn(state, batch, rng):
-    samples = ts.posterior_samples(state, batch, rng, num_samples)
-    mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+    samples = step_lib.posterior_samples(state, batch, rng, num_samples)
+    mean, std = sampling.posterior_summary(samples)
     x, y = batch["x"], batch["y"]
     pinv = state.objective.operator.pinv(y, batch["omega"])
     per_example = {"posterior_std": jnp.mean(std, axis=(1, 2, 3))}
@@ -161,7 +164,7 @@ def _posterior_fn(num_samples: int, num_shown: int):
   return jax.jit(fn)
 
 
-def posterior_metrics(state: ts.TrainState, config: ml_collections.ConfigDict, opts: Options,
+def posterior_metrics(state: step_lib.TrainState, config: ml_collections.ConfigDict, opts: Options,
                       mesh: jax.sharding.Mesh, rng: jax.Array
                       ) -> tuple[dict[str, Any], np.ndarray]:
   """PSNR/SSIM of the flow's posterior mean (and of y, A⁺y) on held-out images; the grid.
@@ -183,28 +186,32 @@ def posterior_metrics(state: ts.TrainState, config: ml_collections.ConfigDict, o
                          opts.posterior_batch_size, whole=True)
   if not raw_batches:
     raise ValueError(f"No held-out batch of {opts.posterior_batch_size} images.")
+  bar = reporting.ProgressBar("Posterior samples of held-out images",
+                              sum(len(b["index"]) for b in raw_batches), unit="images")
+  done = 0
   for i, raw in enumerate(raw_batches):
     batch = prepare(jax.device_put(raw, _shard(mesh, len(raw["index"]))))
     batch = {k: batch[k] for k in ("x", "y", "omega")}
     values, columns = fn(state, batch, jax.random.fold_in(rng, i))
     for k, v in jax.device_get(values).items():
       per_example.setdefault(k, []).append(np.asarray(v))
+    done += len(raw["index"])
+    bar(done)
     if grid is None:
       grid = _posterior_grid(jax.device_get(columns), rows=8)
-  metrics = {k: _mean_sem(np.concatenate(v)) for k, v in per_example.items()}
+  metrics = {k: reporting.mean_sem(np.concatenate(v)) for k, v in per_example.items()}
   metrics.update(num_images=int(sum(len(b["index"]) for b in raw_batches)),
                  num_samples=num_samples)
   return metrics, grid
 
 
 def _posterior_grid(columns: dict[str, np.ndarray], rows: int) -> np.ndarray:
-  """uint8 grid of rows [y | samples | mean | std | x]; std rescaled to [-1, 1] over the grid."""
+  """uint8 grid of rows [y | samples | mean | std | x] (`sampling.posterior_panel`) of the
+  first `rows` examples; std rescaled to [-1, 1] over those rows."""
   c = {k: np.asarray(v)[..., :rows, :, :, :] if k == "samples" else np.asarray(v)[:rows]
        for k, v in columns.items()}
-  std = 2.0 * c["std"] / max(float(c["std"].max()), 1e-6) - 1.0
-  cols = [c["y"], *c["samples"], c["mean"], std, c["x"]]
-  images = np.stack(cols, axis=1).reshape((-1,) + c["x"].shape[1:])
-  return evaluation.image_grid(data.to_uint8(images), num_cols=len(cols))
+  panel = np.asarray(sampling.posterior_panel(c["y"], c["samples"], c["mean"], c["std"], c["x"]))
+  return evaluation.image_grid(data.to_uint8(panel), num_cols=len(panel) // len(c["x"]))
 
 
 # --------------------------------------------------------------------------
@@ -248,7 +255,7 @@ def _compare(images: _ImageSet, reference: _ImageSet, opts: Options) -> dict[str
   return out
 
 
-def generation_metrics(state: ts.TrainState, config: ml_collections.ConfigDict, opts: Options,
+def generation_metrics(state: step_lib.TrainState, config: ml_collections.ConfigDict, opts: Options,
                        extractors: list[Extractor], mesh: jax.sharding.Mesh, rng: jax.Array
                        ) -> tuple[dict[str, Any], np.ndarray]:
   """Fréchet distances, KIDs and pixel-moment errors of prior samples (and reference rows).
@@ -263,27 +270,34 @@ def generation_metrics(state: ts.TrainState, config: ml_collections.ConfigDict, 
   sampler = opts.sampler or config.eval.sampler
   steps = opts.sample_steps or config.eval.sample_steps
   chunk = min(opts.batch_size, opts.num_samples)
-  new_set = lambda: _ImageSet(extractors, pool, opts.batch_size)  # noqa: E731
+  new_set = lambda: _ImageSet(extractors, pool, opts.batch_size)
 
   start = time.time()
   reference = new_set()
-  for raw in _batches(config, data.DATASETS[config.data.dataset].eval_split, opts.num_reference,
-                      opts.batch_size):
+  raw_batches = _batches(config, data.DATASETS[config.data.dataset].eval_split,
+                         opts.num_reference, opts.batch_size)
+  bar = reporting.ProgressBar("Features of clean test images",
+                              sum(len(b["index"]) for b in raw_batches), unit="images")
+  for raw in raw_batches:
     reference.add(np.asarray(data.to_model_range(raw["image"])))
+    bar(reference.count)
   logging.info("Reference: %d clean test images (%.0f s).", reference.count, time.time() - start)
 
   sample_fn = jax.jit(
-      functools.partial(ts.sample_prior, num_samples=chunk, image_shape=shape, sampler=sampler,
+      functools.partial(step_lib.sample_prior, num_samples=chunk, image_shape=shape,
+                        sampler=sampler,
                         num_steps=steps),
       out_shardings=_shard(mesh, chunk))
   samples = new_set()
   start = time.time()
+  bar = reporting.ProgressBar(f"Prior samples ({sampler}, {steps} steps)", opts.num_samples,
+                              unit="images")
   for i in range(math.ceil(opts.num_samples / chunk)):
     images = np.asarray(jax.device_get(sample_fn(state, jax.random.fold_in(rng, i))))
     samples.add(images[:opts.num_samples - samples.count])
-    logging.info("Samples: %d / %d (%.0f s).", samples.count, opts.num_samples,
-                 time.time() - start)
+    bar(samples.count)
   sample_wall = time.time() - start
+  logging.info("Samples: %d (%.0f s).", samples.count, sample_wall)
   rows = {"samples": _compare(samples, reference, opts)}
 
   if opts.reference_rows:
@@ -296,9 +310,13 @@ def generation_metrics(state: ts.TrainState, config: ml_collections.ConfigDict, 
       return op.pinv(batch["y"], batch["omega"])
 
     clean, pinv = new_set(), new_set()
-    for raw in _batches(config, "train", opts.num_samples, opts.batch_size):
+    raw_batches = _batches(config, "train", opts.num_samples, opts.batch_size)
+    bar = reporting.ProgressBar("Features of training images and their A⁺y",
+                                sum(len(b["index"]) for b in raw_batches), unit="images")
+    for raw in raw_batches:
       clean.add(np.asarray(data.to_model_range(raw["image"])))
       pinv.add(np.asarray(jax.device_get(pinv_of_observation(raw))))
+      bar(clean.count)
     rows["clean_train"] = _compare(clean, reference, opts)
     rows["pinv_train"] = _compare(pinv, reference, opts)
 
@@ -442,15 +460,9 @@ def sections(method: str) -> tuple[str, ...]:
   "amortized" has a flow but its prior is frozen (another run's or an oracle
   Gaussian), so it is not evaluated for generation.
   """
-  return tuple(name for name, has in (("posterior", method in ts.FLOW_METHODS),
-                                      ("generation", method in ts.SCORE_METHODS)) if has)
-
-
-def _hardware() -> str:
-  devices = jax.local_devices()
-  kind = devices[0].device_kind
-  return (f"{len(devices)} × {kind} ({devices[0].platform}), host {platform.machine()} "
-          f"with {os.cpu_count()} CPUs")
+  m = methods.get(method)
+  return tuple(name for name, has in (("posterior", m.has_posterior),
+                                      ("generation", m.has_prior)) if has)
 
 
 def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, Any]:
@@ -461,9 +473,9 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
   """
   start = time.time()
   output = opts.output or os.path.join(workdir, "eval")
-  os.makedirs(output, exist_ok=True)
-  mesh = ts.make_mesh(jax.local_devices())
-  config, state = checkpoint.load_run(workdir, step=opts.step, sharding=ts.replicated(mesh))
+  os.makedirs(output, exist_ok=True)  # training_curves.png is written as soon as it is plotted
+  mesh = parallel.make_mesh(jax.local_devices())
+  config, state = runs.load_run(workdir, step=opts.step, sharding=parallel.replicated(mesh))
   if config.data.dataset not in data.DATASETS:
     raise ValueError(f"{workdir} trained on measurement files (data.dataset="
                      f"{config.data.dataset!r}): there are no clean test images to evaluate "
@@ -477,13 +489,14 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
               "dataset": config.data.dataset, "image_shape": list(data.image_shape(config)),
               "operator": config.operator.name, "sigma_y": config.operator.sigma_y},
       "options": dataclasses.asdict(opts), "figures": []}
+  grids = {}
 
   todo = sections(config.method)
   if "posterior" in todo:
     t = time.time()
     results["posterior"], grid = posterior_metrics(state, config, opts, mesh, post_rng)
     results["posterior"]["wall_s"] = round(time.time() - t, 1)
-    evaluation.save_png(os.path.join(output, "posterior.png"), grid)
+    grids["posterior.png"] = grid
     results["figures"].append("posterior.png")
     logging.info("Posterior: %s", results["posterior"])
   if "generation" in todo and opts.num_samples > 0:
@@ -492,7 +505,7 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
     results["generation"], grid = generation_metrics(state, config, opts, extractors, mesh,
                                                      sample_rng)
     results["generation"]["settings"]["wall_s"] = round(time.time() - t, 1)
-    evaluation.save_png(os.path.join(output, "samples.png"), grid)
+    grids["samples.png"] = grid
     results["figures"].append("samples.png")
     logging.info("Generation: %s", results["generation"])
   if opts.curves:
@@ -500,13 +513,10 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
     if plot_curves(read_scalars(workdir), os.path.join(output, "training_curves.png"), title):
       results["figures"].append("training_curves.png")
 
-  results.update(wall_s=round(time.time() - start, 1), hardware=_hardware(),
+  results.update(wall_s=round(time.time() - start, 1), hardware=reporting.hardware(),
                  date=datetime.date.today().isoformat(), jax=jax.__version__,
                  command=command or f"python -m flowdiff_jax.evaluate --workdir={workdir}")
-  with open(os.path.join(output, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(output, "metrics.md"), "w") as f:
-    f.write(to_markdown(results))
+  reporting.write_report(output, results, to_markdown(results), grids)
   logging.info("Wrote %s (%.0f s).", os.path.join(output, "metrics.md"), results["wall_s"])
   return results
 
@@ -519,8 +529,8 @@ _DEFAULTS = Options()
 
 
 def _define_flags() -> None:
-  """Defines the command-line flags; only when run as a program, so importing this module
-  next to `flowdiff_jax.main` (which also has --workdir) does not clash."""
+  """Defines the command-line flags; only when run as a program (`cli`), so importing this
+  module next to the other tools (which also have --workdir) does not clash."""
   flags.DEFINE_string("workdir", None,
                       "Workdir of the run to evaluate (as given to flowdiff_jax.main).")
   flags.DEFINE_string("output", None, "Where to write metrics and figures; default <workdir>/eval.")
@@ -557,8 +567,10 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
-  del argv
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  reporting.quiet_library_logs()
   jax.config.update("jax_threefry_partitionable", True)
   f = flags.FLAGS
   opts = Options(**{field.name: getattr(f, field.name) for field in dataclasses.fields(Options)})
@@ -567,6 +579,12 @@ def main(argv):
   print(to_markdown(results))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`flowdiff-evaluate` and `python -m flowdiff_jax.evaluate`: defines the flags, runs `main`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only a tfds helper here
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

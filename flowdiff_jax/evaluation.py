@@ -21,8 +21,8 @@ Images are float arrays in [-1, 1] unless a docstring says uint8.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,10 @@ def quantize(images: np.ndarray | jax.Array) -> np.ndarray:
 
 
 def image_grid(images: np.ndarray, num_cols: int | None = None, pad: int = 1) -> np.ndarray:
-  """Tiles uint8 images [N, H, W, C] into one uint8 image [rows*(H+pad)+pad, cols*(W+pad)+pad, C]."""
+  """Tiles uint8 images [N, H, W, C] into one uint8 image.
+
+  The result is [rows*(H+pad)+pad, cols*(W+pad)+pad, C].
+  """
   n, h, w, c = images.shape
   cols = num_cols or int(np.ceil(np.sqrt(n)))
   rows = int(np.ceil(n / cols))
@@ -277,7 +280,7 @@ def image_grid(images: np.ndarray, num_cols: int | None = None, pad: int = 1) ->
 
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, creating folders as needed."""
-  from PIL import Image  # only the writers need pillow
+  from PIL import Image  # noqa: PLC0415 (only the writers need pillow)
 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)

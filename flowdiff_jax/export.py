@@ -33,7 +33,6 @@ Runs in one process over its local devices (a ragged last batch is padded).
 from __future__ import annotations
 
 import functools
-import logging as std_logging
 import math
 import os
 from typing import Any
@@ -43,9 +42,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdiff_jax import checkpoint, data, evaluation, measurements, operators
-from flowdiff_jax import train_step as ts
-
+from flowdiff_jax import (
+  data,
+  evaluation,
+  measurements,
+  methods,
+  operators,
+  parallel,
+  reporting,
+  runs,
+  sampling,
+  step as step_lib,
+)
 
 
 def _output_suffix(dtype: np.dtype, channels: int) -> str:
@@ -67,21 +75,21 @@ def write_image(path: str, image: np.ndarray) -> None:
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def _restore_fn(state: ts.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
+def _restore_fn(state: step_lib.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
                 save_samples: int):
   """Jitted (state, batch, rng) -> (samples [B, K, ...], mean, std, ratio [B], ratio_mean [B])."""
   op = state.objective.operator
 
   def restore(state, batch, rng):
-    samples = ts.posterior_samples(state, batch, rng, num_samples)  # [S, B, H, W, C]
-    mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
+    samples = step_lib.posterior_samples(state, batch, rng, num_samples)  # [S, B, H, W, C]
+    mean, std = sampling.posterior_summary(samples)
     ratio = jnp.mean(operators.residual_ratio(op, batch["y"], batch["omega"], samples), axis=0)
     ratio_mean = operators.residual_ratio(op, batch["y"], batch["omega"], mean)
     kept = jnp.moveaxis(samples[:save_samples], 0, 1)
     return kept, mean, std, ratio, ratio_mean
 
-  return jax.jit(restore, in_shardings=(ts.replicated(mesh), ts.batch_sharding(mesh),
-                                        ts.replicated(mesh)))
+  return jax.jit(restore, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
+                                        parallel.replicated(mesh)))
 
 
 def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16,
@@ -106,12 +114,12 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   if num_samples < 1 or not 0 <= save_samples <= num_samples:
     raise ValueError(f"--num_samples={num_samples}, --save_samples={save_samples}: need "
                      "num_samples >= 1 and 0 <= save_samples <= num_samples.")
-  mesh = ts.make_mesh(jax.local_devices())
-  config, state = checkpoint.load_run(workdir, sharding=ts.replicated(mesh))
-  if config.method not in ts.FLOW_METHODS:
+  mesh = parallel.make_mesh(jax.local_devices())
+  config, state = runs.load_run(workdir, sharding=parallel.replicated(mesh))
+  if not methods.get(config.method).has_posterior:
     raise ValueError(f"The run in {workdir} has method {config.method!r}, which learns a prior "
                      f"only; export needs a posterior sampler: a run with method "
-                     f"{' or '.join(ts.FLOW_METHODS)}.")
+                     f"{' or '.join(methods.with_posterior())}.")
   trained_shape = data.image_shape(config)
   if data_path:
     config.data.dataset = "npz" if data_path.lower().endswith(".npz") else "folder"
@@ -134,14 +142,16 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   restore = _restore_fn(state, mesh, num_samples, save_samples)
   root = jax.random.key(seed)
   outputs = []
+  bar = reporting.ProgressBar("Posterior samples of the measurements", len(m), unit="images")
   for k, start in enumerate(range(0, len(m), batch_size)):
     idx = np.arange(start, start + batch_size)
     idx = np.minimum(idx, len(m) - 1)  # pad the last batch with its last measurement
     batch = {"y": m.y[idx], "omega": {} if m.mask is None else {"mask": m.mask[idx]}}
-    batch = jax.device_put(batch, ts.batch_sharding(mesh))
+    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
     out = jax.device_get(restore(state, batch, jax.random.fold_in(root, k)))
     keep = min(batch_size, len(m) - start)
     outputs.append([a[:keep] for a in out])
+    bar(start + keep)
   samples, mean, std, ratio, ratio_mean = (np.concatenate(parts) for parts in zip(*outputs))
 
   output_dir = output_dir or os.path.join(workdir, "restored")
@@ -193,9 +203,10 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   if m.x is not None:
     summary["psnr_posterior_mean"] = float(np.mean(evaluation.psnr(mean, m.x)))
     summary["psnr_observation"] = float(np.mean(evaluation.psnr(m.y, m.x)))
-  measurements.write_json(os.path.join(output_dir, "export.json"), summary)
+  reporting.write_json(os.path.join(output_dir, "export.json"), summary)
   logging.info("Restored %d measurements of %s into %s: data consistency "
-               "‖y − A x‖²/(m σ_y²) = %.3f for posterior samples (≈ 1 when calibrated), %.3f for the mean; mean "
+               "‖y − A x‖²/(m σ_y²) = %.3f for posterior samples (≈ 1 when calibrated), "
+               "%.3f for the mean; mean "
                "posterior std %.4g ([-1, 1] scale)%s.", len(m), m.path, output_dir,
                summary["residual_ratio"], summary["residual_ratio_mean"],
                summary["posterior_std"],
@@ -206,53 +217,48 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   return summary
 
 
-class _QuietLibraries:
-  """Drops INFO records of orbax, jax and grain (dozens per checkpoint read); ours stay."""
-  _CHATTY = ("/orbax/", "/jax/_src/", "/grain/")
-
-  def filter(self, record) -> bool:
-    return record.levelno > std_logging.INFO or not any(
-        part in record.pathname for part in self._CHATTY)
+# The flags that are keyword arguments of `export`, besides --workdir and --output_dir.
+_EXPORT_FLAGS = ("num_samples", "save_samples", "batch_size", "data_path", "mask_dir",
+                 "reference_path", "seed")
 
 
-def _define_flags() -> dict[str, flags.FlagHolder]:
-  """The command line's flags; defined only when run as a program, so that importing
-  this module next to `flowdiff_jax.main` (which also has --workdir) is safe."""
-  return {
-      "workdir": flags.DEFINE_string("workdir", None,
-                                     "Workdir of the trained flowdiff/amortized run."),
-      "output_dir": flags.DEFINE_string("output_dir", None,
-                                        "Where the restorations go; default: <workdir>/restored."),
-      "num_samples": flags.DEFINE_integer(
-          "num_samples", 16, "Posterior samples per measurement for the mean and std."),
-      "save_samples": flags.DEFINE_integer(
-          "save_samples", 0, "How many of them to write per measurement as well."),
-      "batch_size": flags.DEFINE_integer("batch_size", 0,
-                                         "Measurements per batch; 0: eval.batch_size."),
-      "data_path": flags.DEFINE_string(
-          "data_path", None, "Restore these measurements (.npz file or image folder) instead "
-          "of the run's data.path; read with the run's operator, σ_y and value rule."),
-      "mask_dir": flags.DEFINE_string("mask_dir", None, "Masks of --data_path (folder input)."),
-      "reference_path": flags.DEFINE_string(
-          "reference_path", None, "Clean reference of the measurements, for PSNR only."),
-      "seed": flags.DEFINE_integer("seed", 0, "Seed of the posterior samples."),
-  }
+def _define_flags() -> None:
+  """Defines the command-line flags; only when run as a program (`cli`), so importing this
+  module next to the other tools (which also have --workdir) does not clash."""
+  flags.DEFINE_string("workdir", None, "Workdir of the trained flowdiff/amortized run.")
+  flags.DEFINE_string("output_dir", None, "Where the restorations go; default: <workdir>/restored.")
+  flags.DEFINE_integer("num_samples", 16, "Posterior samples per measurement for the mean and std.")
+  flags.DEFINE_integer("save_samples", 0, "How many of them to write per measurement as well.")
+  flags.DEFINE_integer("batch_size", 0, "Measurements per batch; 0: eval.batch_size.")
+  flags.DEFINE_string("data_path", None, "Restore these measurements (.npz file or image folder) "
+                      "instead of the run's data.path; read with the run's operator, σ_y and "
+                      "value rule.")
+  flags.DEFINE_string("mask_dir", None, "Masks of --data_path (folder input).")
+  flags.DEFINE_string("reference_path", None,
+                      "Clean reference of the measurements, for PSNR only.")
+  flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.")
 
 
-def main(argv, args: dict[str, flags.FlagHolder]):
+def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  values = {name: holder.value for name, holder in args.items()}
-  if not values.pop("workdir"):
+  reporting.quiet_library_logs()
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError("--workdir is required: the workdir of a trained flowdiff run.")
-  summary = export(args["workdir"].value, values.pop("output_dir"), **values)
+  summary = export(f.workdir, f.output_dir, **{name: f[name].value for name in _EXPORT_FLAGS})
   print(f"residual_ratio={summary['residual_ratio']:.4f} "
         f"posterior_std={summary['posterior_std']:.4f} "
         f"wrote {summary['num_measurements']} restorations to "
         f"{os.path.dirname(summary['arrays'])}")
 
 
+def cli() -> None:
+  """`flowdiff-export` and `python -m flowdiff_jax.export`: defines the flags, runs `main`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only a tfds helper here
+  _define_flags()
+  app.run(main)
+
+
 if __name__ == "__main__":
-  _ARGS = _define_flags()
-  app.run(lambda argv: main(argv, _ARGS))
+  cli()

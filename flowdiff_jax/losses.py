@@ -1,4 +1,4 @@
-"""Pure loss functions (DESIGN 2.2–2.4).
+"""Pure loss functions (docs/design.md §2.2–2.4).
 
 `amortized_flow_loss` is the amortized variational-inference objective of the
 conditional flow: per observation (y, ω),
@@ -8,8 +8,8 @@ conditional flow: per observation (y, ω),
 
 which for β_* = 1 is KL(q_φ(· | y) ‖ p(· | y)) − log p(y) + const: minimised
 exactly when the flow is the true posterior. The prior enters only through
-``prior_log_prob``: the analytic log-density for the Gaussian oracle (DESIGN
-2.8), or minus the diffusion ELBO bound of a score network.
+``prior_log_prob``: the analytic log-density for the Gaussian oracle
+(docs/design.md §2.8), or minus the diffusion ELBO bound of a score network.
 
 `flowdiff_loss` is the joint FlowDiff objective of one train step,
 
@@ -26,8 +26,9 @@ dimension (`bits_per_dim`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
   x = jnp.swapaxes(x, 0, 1).reshape((b * num_samples,) + y.shape[1:])
   log_q = jnp.swapaxes(log_q, 0, 1).reshape(-1)
 
-  repeat = lambda a: jnp.repeat(a, num_samples, axis=0)      # noqa: E731
+  repeat = lambda a: jnp.repeat(a, num_samples, axis=0)
   residual_y = repeat(y) - op.apply(x, jax.tree.map(repeat, omega))
   data = jnp.sum(residual_y**2, axis=(1, 2, 3)) / (2.0 * sigma_y**2)
   prior_nll = -prior_log_prob(x)
@@ -114,7 +115,7 @@ def diffusion_log_prob(eps_fn: diffusion.EpsFn, schedule: diffusion.VPSchedule, 
 
   The prior of the flow's loss when the prior is a diffusion model: pass
   ``eps_fn`` with the score network's params under stop_gradient so that
-  only x receives gradients (DESIGN 2.2).
+  only x receives gradients (docs/design.md §2.2).
   """
   return lambda x: -diffusion.nll_bound(
       eps_fn, schedule, x, rng, num_time_samples=num_time_samples,

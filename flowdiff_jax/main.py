@@ -19,16 +19,15 @@ the processes. Elsewhere (one machine, one process) nothing is initialized.
 """
 
 from collections.abc import Mapping
-import logging as logging_std
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only a clu/tfds helper here
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _DEFAULT_CONFIG = os.path.join(_CONFIGS, "quickstart.py")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -94,7 +93,7 @@ def _on_cloud_tpu_vm() -> bool:
   # jax decides this at import (libtpu present and TPU chips on the PCI bus)
   # without starting a backend; it has no public name.
   try:
-    from jax._src import cloud_tpu_init
+    from jax._src import cloud_tpu_init  # noqa: PLC0415 (optional, private)
   except ImportError:
     return False
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
@@ -105,7 +104,7 @@ def initialize_distributed(mode: str) -> None:
 
   Must run before anything starts a JAX backend (jax.devices(), any computation).
   """
-  import jax
+  import jax  # noqa: PLC0415 (this program imports jax only once flags are parsed)
 
   reason = distributed_reason(mode, os.environ, _on_cloud_tpu_vm())
   if reason is not None:
@@ -124,32 +123,20 @@ def initialize_distributed(mode: str) -> None:
                jax.device_count(), jax.default_backend())
 
 
-class _QuietLibraries:
-  """Drops INFO records of orbax and other chatty libraries; our INFO lines stay.
-
-  orbax logs ~30 INFO lines per checkpoint through absl, which buries the
-  metrics; its warnings and errors still pass.
-  """
-  _CHATTY = ("/orbax/", "/jax/_src/", "/grain/")
-
-  def filter(self, record) -> bool:
-    return record.levelno > logging_std.INFO or not any(
-        part in record.pathname for part in self._CHATTY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from flowdiff_jax import reporting  # noqa: PLC0415 (keeps --help free of jax)
+  reporting.quiet_library_logs()
   # TensorFlow (used by tfds/clu only) must not take accelerator memory from JAX.
   try:
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 (optional)
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
   initialize_distributed(_DISTRIBUTED.value)
 
-  from flowdiff_jax import checkpoint, train
+  from flowdiff_jax import checkpoint, train  # noqa: PLC0415 (after jax.distributed)
 
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   name = os.path.splitext(os.path.basename(config_path))[0]
@@ -166,5 +153,10 @@ def main(argv):
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

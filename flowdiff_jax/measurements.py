@@ -45,12 +45,13 @@ pipeline and the JAX side are in `flowdiff_jax.data`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import json
 import os
+from typing import Any
 import zipfile
-from typing import Any, Sequence
 
 import numpy as np
 

@@ -1,5 +1,5 @@
 """Forward operators A_ω, their adjoints and pseudo-inverses, and the fixed
-per-example corruption draw (DESIGN 1, 2.5).
+per-example corruption draw (docs/design.md §1, §2.5).
 
 Conventions
 -----------
@@ -23,7 +23,7 @@ Operators are frozen dataclasses, hence hashable, so they can be passed to
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -266,7 +266,7 @@ class BoxInpaint(_MaskOperator):
     return {"mask": (~inside).astype(jnp.float32)[:, :, None]}
 
 
-Operator = Union[Denoise, GaussianBlur, RandomInpaint, BoxInpaint]
+Operator = Denoise | GaussianBlur | RandomInpaint | BoxInpaint
 
 _CLASSES = {cls.name: cls for cls in (Denoise, GaussianBlur, RandomInpaint, BoxInpaint)}
 assert tuple(_CLASSES) == OPERATORS
@@ -298,7 +298,7 @@ def make_operator(cfg: Any) -> Operator:
 
 
 def corrupt(op: Operator, x: jax.Array, index: jax.Array, seed: Any) -> dict[str, jax.Array]:
-  """The fixed per-example corruption of DESIGN 2.5.
+  """The fixed per-example corruption of docs/design.md §2.5.
 
   Example i gets key ``fold_in(jax.random.key(seed), index[i])``, split into
   (omega key, noise key); its (omega, y) therefore depend only on
@@ -352,7 +352,7 @@ def residual_ratio(op: Operator, y: jax.Array, omega: Omega, x: jax.Array) -> ja
   """
   batched = x.reshape((-1,) + y.shape[1:])
   n = batched.shape[0] // y.shape[0]
-  tile = lambda a: jnp.broadcast_to(a[None], (n,) + a.shape).reshape((-1,) + a.shape[1:])  # noqa: E731
+  tile = lambda a: jnp.broadcast_to(a[None], (n,) + a.shape).reshape((-1,) + a.shape[1:])
   y_t, omega_t = tile(y), jax.tree.map(tile, omega)
   r = y_t - op.apply(batched, omega_t)
   sq = jnp.sum(jnp.square(r), axis=(1, 2, 3))

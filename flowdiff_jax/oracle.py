@@ -1,4 +1,4 @@
-"""The Gaussian problem with a known answer (DESIGN 2.8).
+"""The Gaussian problem with a known answer (docs/design.md §2.8).
 
 Clean images x ~ N(μ, Σ) on a small grid; corrupted observations y = A_ω x +
 σ_y ε with one fixed corruption per example. A prior learned from y only
@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowdiff_jax import operators
-from flowdiff_jax import train_step as ts
+from flowdiff_jax import operators, step as step_lib
 
 
 def gaussian_problem(size: int = 4, std: float = 0.3,
@@ -43,11 +42,11 @@ def corrupted_data(config, mu: np.ndarray, sigma: np.ndarray, num_examples: int,
   return x, {"y": measured.pop("y"), "omega": measured}
 
 
-def prior_covariance(state: ts.TrainState, image_shape: tuple[int, int, int], *,
+def prior_covariance(state: step_lib.TrainState, image_shape: tuple[int, int, int], *,
                      num_samples: int = 4000, seed: int = 0, sampler: str = "heun",
                      num_steps: int = 100) -> np.ndarray:
   """Covariance [D, D] of samples from the state's EMA diffusion prior."""
-  x = ts.sample_prior(state, jax.random.key(seed), num_samples, image_shape,
+  x = step_lib.sample_prior(state, jax.random.key(seed), num_samples, image_shape,
                       sampler=sampler, num_steps=num_steps)
   return np.cov(np.asarray(x, np.float64).reshape(num_samples, -1).T)
 

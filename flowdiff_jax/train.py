@@ -1,6 +1,6 @@
 """The training loop: mesh, data, state create/restore, the jitted step, logging, checkpoints.
 
-Everything a step computes lives in `train_step.py`; this file only feeds it,
+Everything a step computes lives in `step.py` and `methods/`; this file only feeds it,
 writes what it returns and saves what it produced.
 
 Outputs under the workdir:
@@ -33,7 +33,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flowdiff_jax import checkpoint, data, evaluation, operators, train_step as ts
+from flowdiff_jax import (
+  checkpoint,
+  data,
+  evaluation,
+  measurements,
+  methods,
+  operators,
+  parallel,
+  runs,
+  sampling,
+  step as step_lib,
+)
 from flowdiff_jax.validate import validate_config
 
 
@@ -41,7 +52,7 @@ def _make_prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                   for_eval: bool):
   """Jitted raw-batch -> step-batch function (scale, corrupt, drop what the method may not see)."""
   op = operators.make_operator(config.operator)
-  keep = ("x", "y", "omega") if for_eval else ts.METHOD_INPUTS[config.method]
+  keep = ("x", "y", "omega") if for_eval else methods.get(config.method).inputs
 
   def prepare(raw):
     batch = data.prepare_batch(raw, op, config.data.corruption_seed,
@@ -49,15 +60,15 @@ def _make_prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     # Measurement files have "x" only where a clean reference set was given.
     return {k: batch[k] for k in keep if k in batch}
 
-  sharding = ts.batch_sharding(mesh)
+  sharding = parallel.batch_sharding(mesh)
   prepare = jax.jit(prepare, out_shardings=sharding)
   return lambda local: prepare(data.global_batch(local, sharding))
 
 
 def _make_stack(mesh: jax.sharding.Mesh):
   """Jitted [K step-batches] -> one batch with a leading K axis, as `train_steps` takes it."""
-  stack = lambda batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # noqa: E731
-  return jax.jit(stack, out_shardings=ts.stacked_batch_sharding(mesh))
+  stack = lambda batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+  return jax.jit(stack, out_shardings=parallel.stacked_batch_sharding(mesh))
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -66,25 +77,24 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(stacked).items()}
 
 
-def evaluate(state: ts.TrainState, eval_step, eval_batches, rng: jax.Array) -> dict[str, float]:
+def evaluate(state: step_lib.TrainState, eval_step, eval_batches,
+             rng: jax.Array) -> dict[str, float]:
   """Mean eval metrics over the held-out batches (the same draws every time)."""
   return _mean_metrics([eval_step(state, batch, jax.random.fold_in(rng, i))
                         for i, batch in enumerate(eval_batches)])
 
 
-def posterior_grid(state: ts.TrainState, batch: ts.Batch, rng: jax.Array,
+def posterior_grid(state: step_lib.TrainState, batch: step_lib.Batch, rng: jax.Array,
                    num_shown: int = 3, num_mean: int = 16) -> jax.Array:
-  """Rows of [observation | num_shown samples | mean | std | clean] for the batch, [B*(n+4), H, W, C].
+  """Rows of [observation | num_shown samples | mean | std | clean], [B*(n+4), H, W, C].
 
   Without clean images (measurement files without a reference) the clean
   column is left out: [B*(n+3), H, W, C]. The std column is rescaled to
   [-1, 1] over the whole grid so it is visible.
   """
-  samples = ts.posterior_samples(state, batch, rng, max(num_shown, num_mean))
-  mean, std = jnp.mean(samples, axis=0), jnp.std(samples, axis=0)
-  std = 2.0 * std / jnp.maximum(jnp.max(std), 1e-6) - 1.0
-  columns = [batch["y"], *samples[:num_shown], mean, std] + ([batch["x"]] if "x" in batch else [])
-  return jnp.stack(columns, axis=1).reshape((-1,) + batch["y"].shape[1:])
+  samples = step_lib.posterior_samples(state, batch, rng, max(num_shown, num_mean))
+  mean, std = sampling.posterior_summary(samples)
+  return sampling.posterior_panel(batch["y"], samples[:num_shown], mean, std, batch.get("x"))
 
 
 def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, train_source):
@@ -92,16 +102,16 @@ def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   train_source: the clean training images, used only to fit the oracle Gaussian.
   """
-  if config.method != "amortized":
+  if not methods.get(config.method).frozen_prior:
     return None, None
   if config.amortized.prior == "diffusion":
-    prior_config, params = checkpoint.load_prior(config.amortized.prior_workdir)
+    prior_config, params = runs.load_prior(config.amortized.prior_workdir)
     if data.image_shape(prior_config) != data.image_shape(config):
       raise ValueError(f"The prior in {config.amortized.prior_workdir} models images of shape "
                        f"{data.image_shape(prior_config)}, this run {data.image_shape(config)}.")
     logging.info("Prior: EMA score network of %s (%s run).", config.amortized.prior_workdir,
                  prior_config.method)
-    return jax.device_put(params, ts.replicated(mesh)), prior_config
+    return jax.device_put(params, parallel.replicated(mesh)), prior_config
   # Oracle Gaussian prior: mean and covariance of clean training images.
   n = min(config.amortized.gaussian_fit_examples, len(train_source))
   x = np.stack([train_source[i]["image"] for i in range(n)]).astype(np.float64) / 127.5 - 1.0
@@ -112,12 +122,23 @@ def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   params = {"mean": mean.astype(np.float32),
             "scale_tril": np.linalg.cholesky(cov).astype(np.float32)}
   logging.info("Prior: Gaussian fitted to %d clean training images (an oracle check).", n)
-  return jax.device_put(params, ts.replicated(mesh)), None
+  return jax.device_put(params, parallel.replicated(mesh)), None
+
+
+def _log_sigma_report(config: ml_collections.ConfigDict, report: dict, workdir: str) -> None:
+  """Logs the σ_y estimate of measurement files and writes it to <workdir>/sigma_y_estimate.json."""
+  logging.info("σ_y of %s: Haar-MAD estimate %.4g ([-1, 1] scale; %.4g in file units, %d "
+               "blocks); using %s = %.4g.", config.data.path, report["sigma_y_estimate"],
+               report["sigma_y_estimate_file_units"], report["blocks_used"],
+               "the estimate" if config.data.get("estimate_sigma_y", False) else
+               "operator.sigma_y", report["sigma_y_used"])
+  if jax.process_index() == 0:
+    measurements.write_json(os.path.join(workdir, "sigma_y_estimate.json"), report)
 
 
 def write_grid(images: jax.Array, step: int, workdir: str, folder: str,
                writer: metric_writers.MetricWriter, num_cols: int | None = None) -> str:
-  """Writes images [N, H, W, C] in [-1, 1] as <workdir>/<folder>/step_<step>.png and to TensorBoard."""
+  """Writes images [N, H, W, C] in [-1, 1] to <workdir>/<folder>/step_<step>.png and TensorBoard."""
   grid = evaluation.image_grid(data.to_uint8(jax.device_get(images)), num_cols=num_cols)
   path = os.path.join(workdir, folder, f"step_{step:07d}.png")
   if jax.process_index() == 0:
@@ -171,7 +192,7 @@ class _StopSignals:
     self.coordinated = False
     self._previous = {}
 
-  def __enter__(self) -> "_StopSignals":
+  def __enter__(self) -> _StopSignals:
     self.coordinated = _jax_preemption_service()
     if threading.current_thread() is not threading.main_thread():
       return self  # Python takes signals in the main thread only: default behaviour then
@@ -247,7 +268,7 @@ class _NonFiniteGuard:
     return ", ".join(f"{k} (from step {self.terms[k]})" for k in names) or "none logged"
 
 
-def _fetch_metrics(history: list[ts.Metrics]) -> list[dict[str, float]]:
+def _fetch_metrics(history: list[step_lib.Metrics]) -> list[dict[str, float]]:
   """The per-step metrics of `history` on the host, with one host sync for all of them.
 
   An entry holds one step's scalars (`train_step`) or several steps' [K] values
@@ -272,7 +293,7 @@ def _window_mean(window: list[dict[str, float]]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> ts.TrainState:
+                       allow_config_change: bool = False) -> step_lib.TrainState:
   """Trains `config.method` in `workdir`, resuming from its newest readable checkpoint.
 
   While it runs, SIGTERM and SIGINT make it finish the current dispatch (one
@@ -299,36 +320,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals,
-                        allow_config_change: bool) -> ts.TrainState:
+                        allow_config_change: bool) -> step_lib.TrainState:
   """`train_and_evaluate` with its signal handlers installed."""
   # Measurement files decide the image shape (and σ_y when estimated): read
   # and checked here, first, so the saved config holds them.
-  data.resolve_config(config, workdir, write=jax.process_index() == 0)
+  config, sigma_report = data.resolve_config(config)
   validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   # A workdir of another run fails here, in seconds, not after compiling.
   checkpoint.check_resume_config(workdir, config, allow_config_change=allow_config_change)
   jax.config.update("jax_threefry_partitionable", True)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if sigma_report is not None:
+    _log_sigma_report(config, sigma_report, workdir)
 
-  mesh = ts.make_mesh()
-  rep = ts.replicated(mesh)
-  image_shape = data.image_shape(config)
+  mesh = parallel.make_mesh()
+  rep = parallel.replicated(mesh)
+  run_data = data.RunData.open(config, sigma_report)
+  image_shape = run_data.image_shape
   init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
 
   prepare_train = _make_prepare(config, mesh, for_eval=False)
   prepare_eval = _make_prepare(config, mesh, for_eval=True)
-  train_source = data.make_source(config, "train")  # read once, used three times
   # A first batch from a separate iterator: shapes, and the flow's ActNorm init.
-  sample_batch = prepare_train(next(iter(data.train_dataset(config, train_source))))
-  prior_params, prior_config = load_fixed_prior(config, mesh, train_source)
+  sample_batch = prepare_train(next(iter(run_data.train_dataset())))
+  prior_params, prior_config = load_fixed_prior(config, mesh, run_data.train_source)
   # Created directly with replicated output sharding: no host copy of the params.
   # Init is replicated, so the partitionable threefry lowering buys nothing
   # there, and the classic one compiles ~3x faster on CPU.
   with jax.threefry_partitionable(False):
-    state = jax.jit(functools.partial(ts.create_train_state, config, prior_config=prior_config),
+    init = functools.partial(step_lib.create_train_state, config, prior_config=prior_config)
+    state = jax.jit(init,
                     out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params)
-  train_iter = iter(data.train_dataset(config, train_source))
+  train_iter = iter(run_data.train_dataset())
   manager = checkpoint.make_manager(workdir, config)
   restored = checkpoint.restore_latest(manager, state, train_iter, config=config,
                                        allow_config_change=allow_config_change)
@@ -339,21 +363,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
     writer.write_hparams(dict(_flatten(config.to_dict())))
   initial_step = int(jax.device_get(state.step))
 
-  step_fn = ts.make_train_step(config, mesh)
+  step_fn = step_lib.make_train_step(config, mesh)
   # Replicated once here, not copied to every device by each step call. (A
   # jitted identity, as the step itself took it: device_put cannot target the
   # devices of other processes.)
   train_rng = jax.jit(lambda key: key, in_shardings=rep, out_shardings=rep)(train_rng)
   per_dispatch = config.training.steps_per_dispatch
   if per_dispatch > 1:
-    steps_fn, stack = ts.make_train_steps(config, mesh), _make_stack(mesh)
-  eval_fn = ts.make_eval_step(config, mesh)
-  has_flow = config.method in ts.FLOW_METHODS
-  has_score = config.method in ts.SCORE_METHODS
+    steps_fn, stack = step_lib.make_train_steps(config, mesh), _make_stack(mesh)
+  eval_fn = step_lib.make_eval_step(config, mesh)
+  method = methods.get(config.method)
+  has_flow, has_score = method.has_posterior, method.has_prior
   tr, ev = config.training, config.eval
   eval_batches = None
   if tr.eval_every_steps or has_flow:
-    eval_batches = [prepare_eval(b) for b in data.eval_batches(config)]
+    eval_batches = [prepare_eval(b) for b in run_data.eval_batches()]
     if not eval_batches:
       raise ValueError(f"No held-out batch of eval.batch_size={ev.batch_size}: the "
                        f"{config.data.dataset} test split has fewer images than that; "
@@ -367,9 +391,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   if has_score:
     num_samples = ev.num_samples
     grid_fns["samples"] = (jax.jit(
-        functools.partial(ts.sample_prior, num_samples=num_samples, image_shape=image_shape,
+        functools.partial(step_lib.sample_prior, num_samples=num_samples, image_shape=image_shape,
                           sampler=ev.sampler, num_steps=ev.sample_steps),
-        out_shardings=(ts.batch_sharding(mesh) if num_samples % jax.device_count() == 0
+        out_shardings=(parallel.batch_sharding(mesh) if num_samples % jax.device_count() == 0
                        else rep)), None)
 
   report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer)

@@ -11,52 +11,21 @@ import math
 
 import ml_collections
 
-from flowdiff_jax import diffusion, measurements, operators
+from flowdiff_jax import configcheck, diffusion, measurements, methods, operators
+from flowdiff_jax.configcheck import ConfigError  # noqa: F401 (callers import it from here)
+from flowdiff_jax.methods.base import SCORE_MODELS
 from flowdiff_jax.models.flow import COUPLINGS
 from flowdiff_jax.models.unet import COMPUTE_DTYPES
-from flowdiff_jax.train_step import FLOW_METHODS, METHODS, PRIORS, SCORE_MODELS
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "celeb_a") + measurements.KINDS
 NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "celeb_a": 64}
 
 
-class ConfigError(ValueError):
-  """A config field has a value the program cannot run with."""
-
-
-def _fail(field: str, value, problem: str) -> None:
-  raise ConfigError(f"config.{field}={value!r}: {problem}")
-
-
-def _choice(config, field: str, allowed) -> None:
-  value = _get(config, field)
-  if value not in allowed:
-    _fail(field, value, f"unknown value; allowed: {', '.join(map(str, allowed))}")
-
-
-def _positive(config, field: str, *, strict: bool = True, integer: bool = False) -> None:
-  value = _get(config, field)
-  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if isinstance(value, bool) or not ok_type or not math.isfinite(value) or (
-      value <= 0 if strict else value < 0):
-    kind = "an integer" if integer else "a number"
-    _fail(field, value, f"must be {kind} {'> 0' if strict else '>= 0'}")
-
-
-def _get(config, field: str):
-  node = config
-  for part in field.split("."):
-    if part not in node:
-      raise ConfigError(f"config.{field} is missing (is the config based on configs/default.py?)")
-    node = node[part]
-  return node
-
-
-def _optimizer(config, section: str) -> None:
-  _positive(config, f"{section}.learning_rate")
-  _positive(config, f"{section}.warmup_steps", strict=False, integer=True)
-  _positive(config, f"{section}.weight_decay", strict=False)
-  _positive(config, f"{section}.grad_clip_norm", strict=False)
+_fail = configcheck.fail
+_get = configcheck.get
+_choice = configcheck.choice
+_positive = configcheck.positive
+_optimizer = configcheck.optimizer
 
 
 def _measurement_fields(config) -> None:
@@ -65,12 +34,13 @@ def _measurement_fields(config) -> None:
   if not d.get("path") or not isinstance(d.path, str):
     _fail("data.path", d.get("path"), f"data.dataset={d.dataset!r} needs the measurements: an "
           ".npz file (dataset 'npz') or a folder of images (dataset 'folder')")
-  if config.method == "clean":
-    _fail("method", "clean", "needs clean training images, and measurement files have none "
-          "(data.reference_path is for evaluation only); allowed here: naive, amortized, flowdiff")
-  if config.method == "amortized" and config.amortized.prior == "gaussian":
-    _fail("amortized.prior", "gaussian", "is fitted to clean training images, which measurement "
-          "files do not have; allowed here: diffusion")
+  needed = methods.get(config.method).clean_images_needed(config)
+  if needed:
+    field, problem = needed
+    if field == "method":
+      problem += "; allowed here: " + ", ".join(
+          m for m in methods.NAMES if "x" not in methods.get(m).inputs)
+    _fail(field, _get(config, field), problem)
   value_range = d.get("value_range")
   if value_range is not None and (
       len(value_range) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -92,7 +62,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     num_devices: devices the global batch is split over.
     num_processes: JAX processes (hosts) that each read part of the batch.
   """
-  _choice(config, "method", METHODS)
+  _choice(config, "method", methods.NAMES)
   _positive(config, "seed", strict=False, integer=True)
 
   # Data.
@@ -186,7 +156,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     _fail("optim.ema_decay", ema, "must lie in [0, 1)")
 
   # Conditional flow and amortized inference.
-  if config.method in FLOW_METHODS:
+  method = methods.get(config.method)
+  if method.has_posterior:
     for field in ("num_levels", "num_steps", "hidden_channels", "cond_channels"):
       _positive(config, f"flow.{field}", integer=True)
     _choice(config, "flow.coupling", COUPLINGS)
@@ -204,14 +175,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       _positive(config, f"amortized.{field}", strict=False)
     for field in ("num_flow_samples", "num_time_samples", "eval_num_samples"):
       _positive(config, f"amortized.{field}", integer=True)
-  if config.method == "flowdiff":
-    _positive(config, "flowdiff.flow_updates_per_score_update", integer=True)
-  if config.method == "amortized":
-    _choice(config, "amortized.prior", PRIORS)
-    if config.amortized.prior == "diffusion" and not config.amortized.prior_workdir:
-      _fail("amortized.prior_workdir", config.amortized.prior_workdir,
-            "the diffusion prior needs the workdir of a finished clean or naive run")
-    _positive(config, "amortized.gaussian_fit_examples", integer=True)
+  method.validate(config)
 
   # Training loop.
   _positive(config, "training.batch_size", integer=True)

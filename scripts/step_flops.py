@@ -13,13 +13,12 @@ experiments/celeba) without a GPU: nothing is compiled or run.
 import functools
 
 from absl import app
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 import flowdiff_jax  # noqa: F401  (XLA workarounds)
-import jax
-import jax.numpy as jnp
-
-from flowdiff_jax import data, train_step as ts
+from flowdiff_jax import data, methods, step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 
@@ -38,18 +37,18 @@ def main(argv):
   batch = {"x": jnp.zeros((b, *shape)), "y": jnp.zeros((b, *shape)),
            "omega": ({"mask": jnp.ones((b, *shape[:2], 1))}
                      if config.operator.name.startswith("inpaint") else {})}
-  batch = {k: batch[k] for k in ts.METHOD_INPUTS[config.method]}
+  batch = {k: batch[k] for k in methods.get(config.method).inputs}
   if config.method == "amortized":
     raise SystemExit("amortized needs a prior run; count flowdiff instead")
-  state = jax.eval_shape(functools.partial(ts.create_train_state, config),
+  state = jax.eval_shape(functools.partial(step_lib.create_train_state, config),
                          jax.random.key(0), batch)
-  step = jax.jit(ts.train_step).lower(state, batch, jax.random.key(1))
+  step = jax.jit(step_lib.train_step).lower(state, batch, jax.random.key(1))
   flops = _flops(step)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"{config.method}: {params / 1e6:.2f}M params; train step at batch {b}: "
         f"{flops / 1e12:.3f} TFLOP ({flops / b / 1e9:.2f} GFLOP per example)")
-  if config.method in ts.SCORE_METHODS:
-    eps = jax.jit(lambda p, x, t: ts._eps_fn(state.objective, p)(x, t)).lower(
+  if methods.get(config.method).has_prior:
+    eps = jax.jit(lambda p, x, t: methods.base.eps_fn(state.objective, p)(x, t)).lower(
         state.ema_params["score"], jnp.zeros((250, *shape)), jnp.zeros((250,)))
     eps_flops = _flops(eps)
     print(f"sampling: one ε-network evaluation of 250 images: {eps_flops / 1e12:.3f} TFLOP "

@@ -3,8 +3,8 @@
   python tests/manual_forms.py OUT_DIR METHOD [METHOD ...]
 
 writes OUT_DIR/<method>.npz: for each form, the metrics and the flattened
-params and optimiser state after one step from test_flowdiff's initial state,
-batch and key. A
+params and optimiser state after one step from the initial state, batch and
+key of test_flowdiff (params_testing.step_*). A
 separate process so that a hang in a collective is a timeout of one test,
 not a blocked suite.
 """
@@ -17,15 +17,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flowdiff_jax  # noqa: E402,F401  (XLA workarounds first)
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+import flowdiff_jax  # noqa: F401  (XLA workarounds first)
 
 jax.config.update("jax_threefry_partitionable", True)
 
-import test_flowdiff as T  # noqa: E402
-from flowdiff_jax import train_step as ts  # noqa: E402
+from flowdiff_jax import parallel, step as step_lib  # noqa: E402
+import params_testing  # noqa: E402
 
 
 def flat(tree):
@@ -33,12 +34,12 @@ def flat(tree):
 
 
 def main(method: str, out: str) -> None:
-  config, batch = T._config(method), T._batch()
-  state0, rng = T._state(config, batch), jax.random.key(2)
-  fresh = lambda: jax.tree.map(np.copy, state0)  # noqa: E731
+  config, batch = params_testing.step_config(method), params_testing.step_batch()
+  state0, rng = params_testing.step_state(config, batch), jax.random.key(2)
+  fresh = lambda: jax.tree.map(np.copy, state0)
   n = jax.device_count()
-  mesh = ts.make_mesh(jax.devices())
-  mapped = functools.partial(ts.train_step, axis_name="data")
+  mesh = parallel.make_mesh(jax.devices())
+  mapped = functools.partial(step_lib.train_step, axis_name="data")
   results = {"shard_map": jax.jit(jax.shard_map(
       mapped, mesh=mesh, in_specs=(P(), P("data"), P()), out_specs=(P(), P())))(
           fresh(), batch, rng)}

@@ -1,13 +1,19 @@
 """Configs load, validate, override from the command line, and bad values name their field."""
 
+import ast
 import glob
+import inspect
+import io
 import os
+import re
+import tokenize
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from configs import default, tiny
+from flowdiff_jax.configs import default, tiny
 from flowdiff_jax.validate import ConfigError, validate_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -40,7 +46,8 @@ def test_every_config_file_is_valid(path):
 
 def test_experiment_configs_state_their_protocol():
   cifar = _load(os.path.join(CONFIG_DIR, "cifar_noise.py"))
-  assert (cifar.data.dataset, cifar.operator.name, cifar.operator.sigma_y) == ("cifar10", "denoise", 0.2)
+  assert (cifar.data.dataset, cifar.operator.name, cifar.operator.sigma_y) == (
+      "cifar10", "denoise", 0.2)
   inpaint = _load(os.path.join(CONFIG_DIR, "cifar_inpaint.py"))
   assert (inpaint.operator.name, inpaint.operator.drop_prob) == ("inpaint_random", 0.6)
   blur = _load(os.path.join(CONFIG_DIR, "celeba_blur.py"))
@@ -48,15 +55,141 @@ def test_experiment_configs_state_their_protocol():
           blur.operator.kernel_std) == ("celeb_a", 64, 9, 2.0)
 
 
+def _leaf_paths(config, prefix=()):
+  """Paths (tuples of names) of the non-ConfigDict fields of `config`."""
+  for name in config.keys():
+    value = config[name]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaf_paths(value, prefix + (name,))
+    else:
+      yield prefix + (name,)
+
+
+def _is_config_dict_call(node) -> bool:
+  name = getattr(node.func, "attr", None) or getattr(node.func, "id", None) \
+      if isinstance(node, ast.Call) else None
+  return name == "ConfigDict"
+
+
+def _field_spans(source: str) -> dict[tuple[str, ...], tuple[int, int]]:
+  """{field path: (first line, last line)} of every field that get_config() in `source` sets.
+
+  Understands what default.py does: `config = ConfigDict()`, sections
+  `config.data = data = ConfigDict()` (aliases), assignments `data.x = ...`
+  or `config.data.x = ...`, and entries of `ConfigDict(dict(k=v, ...))` or
+  `ConfigDict({"k": v, ...})`, each entry spanning the lines of its value.
+  """
+  func = next(node for node in ast.walk(ast.parse(source))
+              if isinstance(node, ast.FunctionDef) and node.name == "get_config")
+  aliases, spans = {}, {}
+
+  def resolve(node):
+    if isinstance(node, ast.Name):
+      return aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+      base = resolve(node.value)
+      return None if base is None else base + (node.attr,)
+    return None
+
+  def entries(call, path):
+    """The fields a ConfigDict(...) call sets below `path`."""
+    for arg in call.args:
+      if isinstance(arg, ast.Call) and getattr(arg.func, "id", None) == "dict":
+        items = [(kw.arg, kw, kw.value) for kw in arg.keywords]
+      elif isinstance(arg, ast.Dict):
+        items = [(k.value, k, v) for k, v in zip(arg.keys, arg.values)
+                 if isinstance(k, ast.Constant)]
+      else:
+        continue
+      for name, start, value in items:
+        if _is_config_dict_call(value):
+          entries(value, path + (name,))
+        else:
+          spans[path + (name,)] = (start.lineno, value.end_lineno)
+
+  for stmt in ast.walk(func):
+    if not isinstance(stmt, ast.Assign):
+      continue
+    if _is_config_dict_call(stmt.value):
+      paths = [resolve(t) for t in stmt.targets if isinstance(t, ast.Attribute)]
+      path = paths[0] if paths and paths[0] is not None else ()
+      for target in stmt.targets:  # `config = ...` is the root, `data = ...` an alias
+        if isinstance(target, ast.Name):
+          aliases[target.id] = path
+      entries(stmt.value, path)
+      continue
+    for target in stmt.targets:
+      path = resolve(target)
+      if path:
+        spans[path] = (stmt.lineno, stmt.end_lineno)
+  return spans
+
+
+def _explanatory_comments(source: str) -> tuple[set[int], set[int]]:
+  """(lines with a trailing comment, lines that are only a comment) of `source`.
+
+  Empty comments and section rulers (`# --- Data ---`) explain nothing and
+  are not counted.
+  """
+  lines = source.splitlines()
+  trailing, standalone = set(), set()
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type != tokenize.COMMENT:
+      continue
+    text = tok.string.lstrip("#").strip()
+    if not text or re.fullmatch(r"-{2,}.*-{2,}", text):
+      continue
+    row = tok.start[0]
+    (standalone if lines[row - 1].lstrip().startswith("#") else trailing).add(row)
+  return trailing, standalone
+
+
+def _uncommented_default_fields(source: str) -> tuple[list[str], list[str]]:
+  """(fields of default.get_config() not found in `source`, fields without a comment there).
+
+  A field is commented when one of its lines has a trailing `# ...` or the
+  line directly above its first line is a comment line.
+  """
+  spans = _field_spans(source)
+  trailing, standalone = _explanatory_comments(source)
+  leaves = sorted(_leaf_paths(default.get_config()))
+  unmapped = [".".join(p) for p in leaves if p not in spans]
+  uncommented = [".".join(p) for p in leaves if p in spans and not (
+      spans[p][0] - 1 in standalone or trailing & set(range(spans[p][0], spans[p][1] + 1)))]
+  return unmapped, uncommented
+
+
+_DEFAULT_SOURCE = inspect.getsourcefile(default)
+
+
 def test_every_default_field_is_commented():
-  """Each field assignment in default.py has a comment line right above it (or a section)."""
-  lines = open(os.path.join(CONFIG_DIR, "default.py")).read().splitlines()
-  for i, line in enumerate(lines):
-    stripped = line.strip()
-    if "=" in stripped and stripped.split("=")[0].strip().count(".") == 1 and \
-        not stripped.startswith(("#", "config.")) and "ConfigDict" not in stripped:
-      above = lines[i - 1].strip()
-      assert above.startswith("#") or "=" in above, f"uncommented field: {stripped}"
+  """Every leaf field of default.get_config() has an explanatory comment on or above its line."""
+  with open(_DEFAULT_SOURCE) as f:
+    unmapped, uncommented = _uncommented_default_fields(f.read())
+  assert not unmapped, f"fields of get_config() not set by a plain assignment in " \
+      f"{_DEFAULT_SOURCE} (teach _field_spans their form): {unmapped}"
+  assert not uncommented, f"fields of {_DEFAULT_SOURCE} without a comment on their line or " \
+      f"directly above it: {uncommented}"
+
+
+def test_comment_check_sees_a_missing_comment():
+  """The check above is not vacuous: without one field's comment, it names that field."""
+  with open(_DEFAULT_SOURCE) as f:
+    lines = f.read().splitlines(keepends=True)
+  unmapped, uncommented = _uncommented_default_fields("".join(lines))
+  first, _ = _field_spans("".join(lines))[("data", "read_threads")]
+  assert lines[first - 2].lstrip().startswith("#")  # the comment line directly above it
+  assert "data.read_threads" not in uncommented
+  without = lines[:first - 2] + lines[first - 1:]
+  assert _uncommented_default_fields("".join(without)) == (
+      unmapped, sorted(uncommented + ["data.read_threads"]))
+  # A trailing comment counts as well.
+  trailing = lines[:first - 2] + [lines[first - 1].rstrip("\n") + "  # read threads\n"] \
+      + lines[first:]
+  assert _uncommented_default_fields("".join(trailing)) == (unmapped, uncommented)
+  # A section ruler is no explanation.
+  ruler = lines[:first - 2] + ["  # --- Reading ---\n"] + lines[first - 1:]
+  assert "data.read_threads" in _uncommented_default_fields("".join(ruler))[1]
 
 
 def test_command_line_overrides():

@@ -4,13 +4,12 @@ import gzip
 import os
 import time
 
-import grain
 import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from flowdiff_jax import data, operators
+from flowdiff_jax.configs import tiny
 
 
 def _images(n, size=28):
@@ -48,8 +47,31 @@ def test_read_idx_round_trip(tmp_path):
     data.read_idx_images(bad)
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
-                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_idx_files_are_used_offline(fmnist_idx_dir, monkeypatch):
+  """data.fmnist_idx_dir's idx files are the source: read directly, never tfds or the network."""
+  def no_tfds(*args, **kwargs):
+    raise AssertionError("tfds must not be asked for data.fmnist_idx_dir's dataset")
+
+  monkeypatch.setattr(data, "_tfds_source", no_tfds)
+  config = _config(n_train=24, batch=8)
+  config.data.fmnist_idx_dir = fmnist_idx_dir
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    source = data.make_source(config, split)
+    want = data.read_idx_images(os.path.join(fmnist_idx_dir, f"{prefix}-images-idx3-ubyte.gz"))
+    assert len(source) == len(want) >= 64
+    np.testing.assert_array_equal(source[5]["image"], want[5])
+  image = source[0]["image"]
+  assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and 0 < image.mean() < 255
+  batch = next(iter(data.train_dataset(config, data.make_source(config, "train"))))
+  assert batch["image"].shape == (8, 28, 28, 1) and set(batch["index"].tolist()) <= set(range(24))
+
+
+_DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(_DEBIAN_FMNIST, "t10k-images-idx3-ubyte.gz")),
+                    reason="checks the real files of the Debian package dataset-fashion-mnist "
+                    "(the generated ones: test_fashion_mnist_idx_files_are_used_offline)")
 def test_debian_fashion_mnist_is_used_offline():
   config = tiny.get_config()
   train, test = data.make_source(config, "train"), data.make_source(config, "test")
@@ -80,7 +102,7 @@ def test_index_names_its_image_and_limit_applies():
 
 
 def test_corruption_is_fixed_across_epochs_and_batches():
-  """DESIGN 2.5: an example's noise and mask depend only on its index and the seed."""
+  """docs/design.md §2.5: an example's noise and mask depend only on its index and the seed."""
   n, batch = 16, 4
   config = _config(batch=batch, op="inpaint_random")
   op = operators.make_operator(config.operator)

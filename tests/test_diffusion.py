@@ -120,7 +120,10 @@ def _gaussian_problem(seed=0, shape=(4, 4, 1)):
 
 
 def _optimal_eps_fn(sched, mu, s):
-  """E[eps | x_t] for x ~ N(mu, diag s^2): sigma_t (x_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2)."""
+  """E[eps | x_t] for x ~ N(mu, diag s^2).
+
+  It is sigma_t (x_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2).
+  """
 
   def eps_fn(x_t, t):
     alpha, sigma = sched.alpha_sigma(t)
@@ -305,6 +308,7 @@ def test_invalid_sampler_raises():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_nll_bound_is_tight_for_the_exact_gaussian_score(kind):
   """With the analytic eps of x ~ N(mu, diag s^2), E_x[bound] = E_x[-log p(x)] up to the
   decoder's noise (variance e^{-lambda(t_min)}, ~1e-4 here) and Monte-Carlo error.
@@ -327,6 +331,7 @@ def test_nll_bound_is_tight_for_the_exact_gaussian_score(kind):
   assert float(jnp.mean(wrong - true_nll)) / dims > gap + 0.1
 
 
+@pytest.mark.slow
 def test_nll_bound_gradient_in_x_points_to_the_score():
   """d bound / dx averages to -grad log p(x) = (x - mu) / s^2 for the exact score."""
   sched = _schedule("linear")
@@ -349,6 +354,7 @@ def _true_gaussian_nll(x, mu, s):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_nll_bound_uniform_time_sampling_is_unbiased(kind):
   """t ~ U(t_min, 1) with weight (1 - t_min)|lambda'(t)| estimates the same bound.
 
@@ -396,7 +402,7 @@ def test_sds_gradient_is_exact_for_standard_normal_data(time_sampling):
   value and x-gradient equal the exact ones draw by draw (one draw per image)."""
   sched = _schedule("linear")
   x = jax.random.normal(jax.random.key(1), (16, 2, 2, 2))
-  eps_fn = lambda x_t, t: sched.alpha_sigma(t)[1][:, None, None, None] * x_t  # noqa: E731
+  eps_fn = lambda x_t, t: sched.alpha_sigma(t)[1][:, None, None, None] * x_t
   kw = dict(num_time_samples=1, time_sampling=time_sampling)
   value, grad = _bound_and_grad(eps_fn, sched, x, jax.random.key(2), gradient="exact", **kw)
   value_sds, grad_sds = _bound_and_grad(eps_fn, sched, x, jax.random.key(2), gradient="sds", **kw)
@@ -407,6 +413,7 @@ def test_sds_gradient_is_exact_for_standard_normal_data(time_sampling):
 
 
 @pytest.mark.parametrize("time_sampling", diffusion.TIME_SAMPLINGS)
+@pytest.mark.slow
 def test_sds_gradient_matches_its_closed_form_and_differs_from_exact(time_sampling):
   """Sigma = diag(0.1 ... 2): the sds x-gradient is mean_draws[w alpha sigma (eps_hat - eps)]
   + alpha_1^2 x (prior term), from the same draws; the exact gradient differs."""
@@ -418,7 +425,7 @@ def test_sds_gradient_matches_its_closed_form_and_differs_from_exact(time_sampli
   eps_fn = _optimal_eps_fn(sched, mu, s)
   rng, num = jax.random.key(6), 3
   kw = dict(num_time_samples=num, time_sampling=time_sampling)
-  bound = lambda x, gradient: jnp.sum(diffusion.nll_bound(  # noqa: E731
+  bound = lambda x, gradient: jnp.sum(diffusion.nll_bound(
       eps_fn, sched, x, rng, gradient=gradient, **kw))
   value, grad = jax.jit(jax.value_and_grad(bound), static_argnums=1)(x, "exact")
   value_sds, grad_sds = jax.jit(jax.value_and_grad(bound), static_argnums=1)(x, "sds")
@@ -441,13 +448,14 @@ def test_sds_gradient_matches_its_closed_form_and_differs_from_exact(time_sampli
   assert rel_diff > 0.1, rel_diff
 
 
+@pytest.mark.slow
 def test_sds_gives_the_network_no_gradient():
   sched = _schedule("linear")
   x = jax.random.normal(jax.random.key(7), (4, 2, 2, 1))
   params = {"a": jnp.array(0.3), "b": jnp.full((2, 2, 1), 0.1)}
 
   def bound(params, x, gradient):
-    eps_fn = lambda x_t, t: params["a"] * x_t + params["b"] * t[:, None, None, None]  # noqa: E731
+    eps_fn = lambda x_t, t: params["a"] * x_t + params["b"] * t[:, None, None, None]
     return jnp.sum(diffusion.nll_bound(eps_fn, sched, x, jax.random.key(8), num_time_samples=2,
                                        gradient=gradient))
 
@@ -463,7 +471,7 @@ def test_sds_gives_the_network_no_gradient():
 def test_nll_bound_rejects_unknown_options():
   sched = _schedule("linear")
   x = jnp.zeros((1, 2, 2, 1))
-  eps_fn = lambda x_t, t: x_t  # noqa: E731
+  eps_fn = lambda x_t, t: x_t
   with pytest.raises(ValueError, match=r"time_sampling.*log_snr.*uniform"):
     diffusion.nll_bound(eps_fn, sched, x, jax.random.key(0), time_sampling="linear")
   with pytest.raises(ValueError, match=r"gradient.*exact.*sds"):

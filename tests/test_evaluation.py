@@ -113,7 +113,7 @@ def test_frechet_distance_non_commuting_covariances():
   assert got == pytest.approx(want, rel=1e-12)
   # A shortcut valid only for commuting matrices, tr(Σ1^½ Σ2^½), differs here:
   # this test would catch it.
-  root = lambda a: evaluation._sqrt_psd(a)  # noqa: E731
+  root = lambda a: evaluation._sqrt_psd(a)
   shortcut = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
               - 2 * np.trace(root(s1) @ root(s2)))
   assert abs(shortcut - want) > 0.1

@@ -1,4 +1,4 @@
-"""FlowDiff's joint train step (DESIGN 2.4).
+"""FlowDiff's joint train step (docs/design.md §2.4).
 
 Gradient routing checked by finite differences, the jit / sharded-jit /
 shard_map / pmap forms computing the same update, the β schedules and the
@@ -7,7 +7,6 @@ samples of N(μ, Σ), the FlowDiff prior's covariance is closer to Σ than the
 naive model's.
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -17,36 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, tiny
-from flowdiff_jax import oracle, train_step as ts
+from flowdiff_jax import oracle, parallel, step as step_lib
+from flowdiff_jax.configs import default
 import params_testing
 
-_SIZE = 8
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 
-
-def _config(method="flowdiff"):
-  """8x8 images and the Gaussian ε-network: a step compiles in seconds, not a minute.
-
-  The U-Net inside the joint step is covered end to end in test_train.py.
-  """
-  config = tiny.get_config()
-  config.method = method
-  config.data.image_size = _SIZE
-  config.model.name = "gaussian"
-  config.amortized.num_time_samples = 2
-  return config
-
-
-def _batch(seed=1):
-  return params_testing.observation_batch(seed, size=_SIZE)
-
-
-def _state(config, batch):
-  # As the training program does: jitted init, with the faster-compiling threefry.
-  with jax.threefry_partitionable(False):
-    init = jax.jit(functools.partial(ts.create_train_state, config))
-    return jax.device_get(init(jax.random.key(0), batch))
+# 8x8 images and the Gaussian ε-network (shared with tests/manual_forms.py).
+_config = params_testing.step_config
+_batch = params_testing.step_batch
+_state = params_testing.step_state
 
 
 def _key(seed):
@@ -79,13 +58,14 @@ def manual_forms(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", _FORM_METHODS)
+@pytest.mark.slow
 def test_jit_sharded_shard_map_and_pmap_forms_agree(method, manual_forms):
   """Same global batch and key: one device, 4-device jit, shard_map and pmap give one update."""
   config, batch = _config(method), _batch()
   state0 = _state(config, batch)
   rng = jax.random.key(2)
-  fresh = lambda: jax.tree.map(np.copy, state0)  # noqa: E731  (the steps donate their input)
-  ref_state, ref_metrics = jax.device_get(jax.jit(ts.train_step)(fresh(), batch, rng))
+  fresh = lambda: jax.tree.map(np.copy, state0)
+  ref_state, ref_metrics = jax.device_get(jax.jit(step_lib.train_step)(fresh(), batch, rng))
   assert int(ref_state.step) == 1
   ref_leaves = jax.tree.leaves((ref_state.params, ref_state.opt_state))
 
@@ -99,10 +79,10 @@ def test_jit_sharded_shard_map_and_pmap_forms_agree(method, manual_forms):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6,
                                  err_msg=name)
 
-  mesh = ts.make_mesh(jax.devices()[:4])
-  state, metrics = jax.device_get(ts.make_train_step(config, mesh)(
-      jax.device_put(fresh(), ts.replicated(mesh)),
-      jax.device_put(batch, ts.batch_sharding(mesh)), rng))
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  state, metrics = jax.device_get(step_lib.make_train_step(config, mesh)(
+      jax.device_put(fresh(), parallel.replicated(mesh)),
+      jax.device_put(batch, parallel.batch_sharding(mesh)), rng))
   check("jit on 4 devices", metrics, jax.tree.leaves((state.params, state.opt_state)))
 
   forms = np.load(manual_forms / f"{method}.npz")
@@ -113,7 +93,7 @@ def test_jit_sharded_shard_map_and_pmap_forms_agree(method, manual_forms):
 
 
 def _directional_derivatives(loss_fn, params, network, seed, h=1e-2):
-  """(autodiff ⟨∇total, v⟩, central differences of every term along v) for a unit v on one network."""
+  """(autodiff ⟨∇total, v⟩, central differences of each term along v), v a unit on one network."""
   leaves, treedef = jax.tree.flatten(params[network])
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   v = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
@@ -141,7 +121,7 @@ def test_gradient_routing_by_finite_differences():
   config, batch = _config(), _batch()
   config.amortized.update(num_time_samples=1, beta_prior_warmup_steps=0)  # β_prior = 1 now
   state = _state(config, batch)
-  loss_fn = jax.jit(ts.make_loss_fn(state.objective, batch, state.step, _key(3)))
+  loss_fn = jax.jit(step_lib.make_loss_fn(state.objective, batch, state.step, _key(3)))
   params = jax.tree.map(jnp.asarray, state.params)
 
   for network, own, other in (("flow", "flow_loss", "dsm_loss"),
@@ -159,7 +139,7 @@ def test_flowdiff_metrics_and_beta_schedules():
   config.amortized.update(beta_prior=2.0, beta_prior_warmup_steps=4, beta_ent=1.0,
                           beta_ent_init=3.0, beta_ent_anneal_steps=2)
   state = _state(config, batch)
-  step = jax.jit(ts.train_step)
+  step = jax.jit(step_lib.train_step)
   expected = {"data_fidelity", "prior_nll", "log_q", "flow_loss", "dsm_loss", "loss",
               "beta_data", "beta_prior", "beta_ent", "grad_norm_flow", "grad_norm_score",
               "prior_nll_bpd", "posterior_entropy_bpd", "update_skipped"}
@@ -187,11 +167,11 @@ def test_score_network_updates_every_k_steps():
   config.flowdiff.flow_updates_per_score_update = 3
   config.optim.warmup_steps = config.flow_optim.warmup_steps = 0  # no zero-lr first step
   state = _state(config, batch)
-  step = jax.jit(ts.train_step)
+  step = jax.jit(step_lib.train_step)
   changed = []
   for _ in range(6):
     new, _ = step(jax.tree.map(jnp.copy, state), batch, _key(2))
-    moved = lambda net: any(not np.array_equal(a, b) for a, b in zip(  # noqa: E731
+    moved = lambda net: any(not np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(jax.device_get(new.params[net])),
         jax.tree.leaves(jax.device_get(state.params[net]))))
     changed.append((moved("flow"), moved("score")))
@@ -200,7 +180,7 @@ def test_score_network_updates_every_k_steps():
 
 
 # --------------------------------------------------------------------------
-# The Gaussian oracle (DESIGN 2.8): does FlowDiff recover Σ, not Σ + noise?
+# The Gaussian oracle (docs/design.md §2.8): does FlowDiff recover Σ, not Σ + noise?
 # --------------------------------------------------------------------------
 
 _H = 4
@@ -226,15 +206,16 @@ def train_on(config, data, *, seed: int = 0):
   """Trains with the public API in a plain loop; returns the final state."""
   n = data["y"].shape[0]
   order = np.random.default_rng(seed)
-  take = lambda idx: jax.tree.map(lambda a: a[idx], data)  # noqa: E731
-  state = ts.create_train_state(config, _key(config.seed), take(np.arange(256)))
-  step_fn = jax.jit(ts.train_step, donate_argnums=0)
+  take = lambda idx: jax.tree.map(lambda a: a[idx], data)
+  state = step_lib.create_train_state(config, _key(config.seed), take(np.arange(256)))
+  step_fn = jax.jit(step_lib.train_step, donate_argnums=0)
   rng = _key(config.seed + 1)
   for _ in range(config.training.num_train_steps):
     state, _ = step_fn(state, take(order.integers(0, n, config.training.batch_size)), rng)
   return state
 
 
+@pytest.mark.slow
 def test_gaussian_oracle_flowdiff_beats_naive():
   """From corrupted samples of N(μ, Σ), FlowDiff's prior is closer to Σ than naive's.
 

@@ -83,6 +83,7 @@ def test_parametrisation_round_trip_and_init():
   np.testing.assert_array_equal(train_out, model.apply(variables, x, jnp.full((3,), 0.5)))
 
 
+@pytest.mark.slow
 def test_dsm_training_recovers_sigma():
   """Adam (0.05, cosine decay) on the DSM loss, 300 full-batch steps over 4000 samples of a
   2x2x1 Gaussian, from Sigma = I: the learnt Sigma is within 12 % (Frobenius) of the

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdiff_jax import diffusion, inverse, operators, oracle
+from flowdiff_jax import diffusion, inverse, operators, oracle, solvers
 
 _SIZE = 4
 _D = _SIZE * _SIZE
@@ -82,8 +82,8 @@ def _observe(op, mu, cov, seed=0):
 
 
 def _solve(solver, op, mu, cov, y, omega, seed=0):
-  keys = inverse.example_keys(seed, jnp.arange(y.shape[0]))
-  fn = jax.jit(lambda y, omega, keys: inverse.solve(
+  keys = solvers.example_keys(seed, jnp.arange(y.shape[0]))
+  fn = jax.jit(lambda y, omega, keys: solvers.solve(
       solver, _gaussian_eps(mu, cov), _SCHEDULE, op, y, omega, keys))
   return np.asarray(fn(y, omega, keys), np.float64)
 
@@ -94,7 +94,7 @@ def _repeat(tree, n):
 
 def test_tasks_use_the_operators_of_the_fmnist_configs():
   for task, config_name in inverse.TASK_CONFIGS.items():
-    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config = importlib.import_module(f"flowdiff_jax.configs.{config_name}").get_config()
     assert inverse.task_operator(task) == operators.make_operator(config.operator), task
   assert inverse.task_operator("denoise", sigma_y=0.1).sigma_y == 0.1
   with pytest.raises(ValueError, match="unknown task"):
@@ -109,7 +109,7 @@ def test_inverse_measurement_cov_matches_a_dense_solve(op):
   v = jax.random.normal(jax.random.key(1), y.shape)
   v = op.apply(v, omega)  # in the range of A (0 on dropped pixels), as the solver's residuals
   r2 = 0.3
-  got = np.asarray(inverse.inverse_measurement_cov(op, r2, v, omega), np.float64)
+  got = np.asarray(solvers.inverse_measurement_cov(op, r2, v, omega), np.float64)
   for i in range(3):
     one = jax.tree.map(lambda a: a[i:i + 1], omega)
     a = _matrix(op, one)
@@ -153,7 +153,7 @@ def _posterior_errors(samples, op, y, omega, mu, cov, num):
 _K_EXACT, _N_EXACT = 2, 1000  # observations × samples of the exact-posterior check
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pigdm_run(task, sigma_y_factor=1.0):
   """(samples [K*N, D], y [K, ...], omega, mu, cov) of ΠGDM (data_var = s², exact here) on an
   N(μ, s² I) prior, s = 0.3, told σ_y × sigma_y_factor. Shared by two tests."""
@@ -162,7 +162,7 @@ def _pigdm_run(task, sigma_y_factor=1.0):
   cov = 0.3**2 * np.eye(_D)
   y, omega = jax.tree.map(lambda a: a[:_K_EXACT], _observe(op, mu, cov))
   told = dataclasses.replace(op, sigma_y=op.sigma_y * sigma_y_factor)
-  solver = inverse.PiGDM(num_steps=1000, data_var=0.3**2, clip=False)
+  solver = solvers.PiGDM(num_steps=1000, data_var=0.3**2, clip=False)
   samples = _solve(solver, told, mu, cov, *_repeat((y, omega), _N_EXACT))
   return samples.reshape(-1, _D), y, omega, mu, cov
 
@@ -184,14 +184,14 @@ def test_pigdm_samples_the_closed_form_gaussian_posterior(task):
     assert cov_error > 1.5 * _COV_TOL, (mean_error, cov_error)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dps_run(task):
   """(samples [K, N, D], y [K, ...], omega, mu, cov): DPS (ζ = 0.1, 200 steps) with a
   correlated Gaussian prior, K = 8 observations × N = 32 samples. Shared by two tests."""
   op = _OPERATORS[task]
   mu, cov = oracle.gaussian_problem(_SIZE)
   y, omega = _observe(op, mu, cov, seed=1)
-  samples = _solve(inverse.DPS(zeta=0.1, num_steps=200, clip=False), op, mu, cov,
+  samples = _solve(solvers.DPS(zeta=0.1, num_steps=200, clip=False), op, mu, cov,
                    *_repeat((y, omega), 32))
   return samples.reshape(8, 32, _D), y, omega, mu, cov
 
@@ -212,12 +212,12 @@ def test_dps_is_closer_to_the_posterior_mean_than_the_observation(task):
   m = np.stack([_posterior(op, jax.tree.map(lambda a: a[i:i + 1], omega), y[i], mu, cov)[0]
                 for i in range(k)])
   pinv = np.asarray(op.pinv(y, omega), np.float64).reshape(k, _D)
-  dist = lambda a: np.sqrt(np.mean(np.sum((a - m)**2, axis=1)))  # noqa: E731
+  dist = lambda a: np.sqrt(np.mean(np.sum((a - m)**2, axis=1)))
   bound = 0.7 * min(dist(pinv), dist(np.broadcast_to(mu, m.shape)))
   assert dist(samples.mean(1)) < bound, (dist(samples.mean(1)), dist(pinv), dist(mu))
 
 
-_SMALL_SOLVERS = [inverse.DPS(zeta=0.1, num_steps=20), inverse.PiGDM(num_steps=20)]
+_SMALL_SOLVERS = [solvers.DPS(zeta=0.1, num_steps=20), solvers.PiGDM(num_steps=20)]
 
 
 @pytest.mark.parametrize("solver", _SMALL_SOLVERS, ids=lambda s: s.name)
@@ -226,12 +226,12 @@ def test_solvers_are_deterministic_per_example_and_chunkable(solver):
   mu, cov = oracle.gaussian_problem(_SIZE)
   y, omega = jax.tree.map(lambda a: a[:6], _observe(op, mu, cov))
   eps_fn = _gaussian_eps(mu, cov)
-  fn = jax.jit(lambda y, omega, keys: inverse.solve(solver, eps_fn, _SCHEDULE, op, y, omega,
+  fn = jax.jit(lambda y, omega, keys: solvers.solve(solver, eps_fn, _SCHEDULE, op, y, omega,
                                                     keys))
-  keys = inverse.example_keys(0, jnp.arange(6))
+  keys = solvers.example_keys(0, jnp.arange(6))
   first = np.asarray(fn(y, omega, keys))
   np.testing.assert_array_equal(first, np.asarray(fn(y, omega, keys)))
-  other = np.asarray(fn(y, omega, inverse.example_keys(1, jnp.arange(6))))
+  other = np.asarray(fn(y, omega, solvers.example_keys(1, jnp.arange(6))))
   assert np.all(np.abs(other - first).reshape(6, -1).max(axis=1) > 1e-3)
   # An example's solution depends on its own key and data only, not on its batch.
   perm = np.array([3, 5, 0, 1, 4, 2])
@@ -240,7 +240,7 @@ def test_solvers_are_deterministic_per_example_and_chunkable(solver):
   if solver.name == "dps":  # the host loop is the same for both solvers
     # 21 steps in 4 chunks of 6, the last padded with no-op steps: the same solve.
     done = []
-    chunked = inverse.solve_chunked(solver, _gaussian_eps_apply, _gaussian_params(mu, cov),
+    chunked = solvers.solve_chunked(solver, _gaussian_eps_apply, _gaussian_params(mu, cov),
                                     _SCHEDULE, op, y, omega, keys, num_chunks=4,
                                     progress=done.append)
     np.testing.assert_allclose(np.asarray(chunked), first, rtol=0, atol=1e-5)

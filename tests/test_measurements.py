@@ -15,9 +15,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import measurements as measurements_config
-from configs import tiny
 from flowdiff_jax import data, measurements, operators
+from flowdiff_jax.configs import measurements as measurements_config, tiny
 from flowdiff_jax.measurements import DataError
 from flowdiff_jax.models import flow as flow_lib
 from flowdiff_jax.validate import ConfigError, validate_config
@@ -213,8 +212,9 @@ def test_sigma_y_estimate_on_known_noise_with_and_without_masks(tmp_path):
   np.savez(tmp_path / "m.npz", y=(y + 1) / 2)  # floats in (0, 1): σ on [-1, 1] is the same
   config = _config("npz", tmp_path / "m.npz", op="denoise", estimate_sigma_y=True)
   config.operator.sigma_y = 0.5
-  data.resolve_config(config, str(tmp_path / "run"))
-  report = json.load(open(tmp_path / "run" / "sigma_y_estimate.json"))
+  resolved, report = data.resolve_config(config)
+  assert config.operator.sigma_y == 0.5  # the given config is read, not rewritten
+  config = resolved
   assert config.operator.sigma_y == pytest.approx(est, rel=1e-5)
   assert report["sigma_y_used"] == config.operator.sigma_y and report["sigma_y_configured"] == 0.5
   assert (config.data.image_size, config.data.channels) == (32, 1)
@@ -223,7 +223,7 @@ def test_sigma_y_estimate_on_known_noise_with_and_without_masks(tmp_path):
   np.savez(tmp_path / "sparse.npz", y=(y[..., 0] + 1) / 2 * sparse, mask=sparse)
   config = _config("npz", tmp_path / "sparse.npz", estimate_sigma_y=True)
   with pytest.raises(DataError, match="σ_y cannot be estimated"):
-    data.resolve_config(config, None)
+    data.resolve_config(config)
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_sigma_y_estimate_on_known_noise_with_and_without_masks(tmp_path):
 
 def _error(config):
   with pytest.raises(DataError) as err:
-    data.resolve_config(config, None)
+    data.resolve_config(config)
   return str(err.value)
 
 
@@ -255,7 +255,7 @@ def test_error_values_outside_the_stated_range(tmp_path):
   assert "data.value_range" in message
   # The same data with the right range are fine; NaN is not.
   _config_ok = _config("npz", tmp_path / "m.npz", op="denoise", value_range=(0, 255))
-  data.resolve_config(_config_ok, None)
+  data.resolve_config(_config_ok)
   y[0, 0, 0] = np.nan
   np.savez(tmp_path / "nan.npz", y=y)
   message = _error(_config("npz", tmp_path / "nan.npz", op="denoise", value_range=(0, 255)))
@@ -378,6 +378,7 @@ def _readme_example():
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
   """Makes the measurements, trains flowdiff on them, exports: the README's commands."""
   os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")

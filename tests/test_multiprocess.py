@@ -20,7 +20,6 @@ import pytest
 from flowdiff_jax import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IDX_DIR = "/usr/share/datasets/fashion-mnist"
 # Methods whose multi-process run must match the single-process one ("flowdiff"
 # joins with the FlowDiff method; "clean" differs from "naive" only in a batch key).
 METHODS = ["naive"]
@@ -38,7 +37,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(method: str, workdir: str, log_path: str, devices: int, **env_extra):
+def _launch(method: str, workdir: str, log_path: str, devices: int, idx_dir: str, **env_extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
   # Unoptimised XLA:CPU code compiles ~30% faster; both sides use it.
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -48,7 +47,7 @@ def _launch(method: str, workdir: str, log_path: str, devices: int, **env_extra)
   args = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}",
           f"--config.method={method}", f"--config.training.num_train_steps={STEPS}",
           "--config.training.batch_size=8", "--config.data.max_train_examples=20",
-          f"--config.data.fmnist_idx_dir={IDX_DIR}", "--config.data.read_threads=1",
+          f"--config.data.fmnist_idx_dir={idx_dir}", "--config.data.read_threads=1",
           f"--config.training.checkpoint_every_steps={STEPS}",
           f"--config.training.log_every_steps={STEPS}",
           "--config.training.eval_every_steps=0", "--config.training.sample_every_steps=0",
@@ -79,7 +78,7 @@ def _wait(runs: dict, timeout_s: float) -> None:
   if failed or pending:
     tails = "\n".join(f"--- {name} ---\n{_read(log.name)[-3000:]}"
                       for name, (_, log) in runs.items())
-    pytest.fail(f"{failed or 'timed out after %ds' % timeout_s}\n{tails}")
+    pytest.fail(f"{failed or f'timed out after {timeout_s}s'}\n{tails}")
 
 
 def _read(path: str) -> str:
@@ -98,16 +97,16 @@ def _restore(workdir: str) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(IDX_DIR, "train-images-idx3-ubyte.gz")),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_two_processes_train_like_one(method, tmp_path):
+def test_two_processes_train_like_one(method, tmp_path, fmnist_idx_dir):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   address = f"127.0.0.1:{_free_port()}"
   # All three at once: on a small CI machine the runs overlap their start-up.
-  runs = {"1 process": _launch(method, one, one + ".log", devices=4)}
+  runs = {"1 process": _launch(method, one, one + ".log", devices=4, idx_dir=fmnist_idx_dir)}
   for p in range(2):
     runs[f"process {p} of 2"] = _launch(method, two, f"{two}.{p}.log", devices=2,
+                                        idx_dir=fmnist_idx_dir,
                                         JAX_COORDINATOR_ADDRESS=address,
                                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p))
   _wait(runs, TIMEOUT_S)

@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
-from flowdiff_jax import train, train_step as ts
+from flowdiff_jax import parallel, step as step_lib, train
+from flowdiff_jax.configs import tiny
 from flowdiff_jax.models import flow as flow_lib
 from flowdiff_jax.validate import ConfigError, validate_config
 import params_testing
-import test_flow
-from test_train import mock_fashion_mnist  # noqa: F401  (a fixture)
 
 _SIZE = 8
 
@@ -43,18 +41,19 @@ def _batch(seed=1):
 def _perturbed_state(config, batch):
   """A fresh state with every parameter moved off its init (zero heads would hide dtypes)."""
   with jax.threefry_partitionable(False):
-    state = jax.jit(functools.partial(ts.create_train_state, config))(jax.random.key(0), batch)
+    init = functools.partial(step_lib.create_train_state, config)
+    state = jax.jit(init)(jax.random.key(0), batch)
   return state.replace(params=params_testing.perturb(state.params, 7, 0.05))
 
 
 def _objective(config):
-  return ts.make_objective(config, channels=1)
+  return step_lib.make_objective(config, channels=1)
 
 
 def _loss_and_grads(obj, params, batch, rng):
   """Jitted (loss, terms), grads of `obj`'s loss, and the compiled program's memory analysis."""
   def f(params):
-    loss_fn = ts.make_loss_fn(obj, batch, jnp.int32(3), rng)
+    loss_fn = step_lib.make_loss_fn(obj, batch, jnp.int32(3), rng)
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
   compiled = jax.jit(f).lower(params).compile()
   return compiled(params), compiled.memory_analysis()
@@ -93,13 +92,14 @@ def _assert_states_close(a, b, rtol=1e-6):
 # bfloat16 compute.
 
 
+@pytest.mark.slow
 def test_bf16_flow_is_exactly_invertible_and_its_logdet_matches_the_jacobian():
   kwargs = dict(num_levels=2, num_steps=2, hidden_channels=8, cond_channels=4)
   flow32 = flow_lib.ConditionalGlow(**kwargs)
   flow16 = flow_lib.ConditionalGlow(**kwargs, dtype=jnp.bfloat16)
-  x = test_flow._normal(21, (16, _SIZE, _SIZE, 1), scale=0.7)
-  cond = test_flow._normal(22, x.shape[:3] + (2,))
-  variables = test_flow._perturb(test_flow._init(flow16, x, cond), seed=23, scale=0.1)
+  x = params_testing.normal(21, (16, _SIZE, _SIZE, 1), scale=0.7)
+  cond = params_testing.normal(22, x.shape[:3] + (2,))
+  variables = params_testing.perturb(params_testing.jit_init(flow16, x, cond), 23, 0.1)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
   assert jax.tree.structure(variables) == jax.tree.structure(
       jax.eval_shape(flow32.init, jax.random.key(0), x, cond))
@@ -119,9 +119,9 @@ def test_bf16_flow_is_exactly_invertible_and_its_logdet_matches_the_jacobian():
   x1, c1, z1 = x[:1], cond[:1], z[:1]
   assert abs(float(ld_fwd[0])) > 1.0, "logdet check would be vacuous"
   np.testing.assert_allclose(
-      ld_fwd[0], test_flow._jacobian_logdet(lambda v: fwd(v, c1)[0], x1), rtol=1e-4, atol=5e-3)
+      ld_fwd[0], params_testing.jacobian_logdet(lambda v: fwd(v, c1)[0], x1), rtol=1e-4, atol=5e-3)
   np.testing.assert_allclose(
-      ld_inv[0], test_flow._jacobian_logdet(lambda v: inv(v, c1)[0], z1), rtol=1e-4, atol=5e-3)
+      ld_inv[0], params_testing.jacobian_logdet(lambda v: inv(v, c1)[0], z1), rtol=1e-4, atol=5e-3)
 
 
 # Relative change of the joint loss (and of each term) from bf16 compute, same
@@ -131,6 +131,7 @@ def test_bf16_flow_is_exactly_invertible_and_its_logdet_matches_the_jacobian():
 _BF16_RTOL = 1e-2
 
 
+@pytest.mark.slow
 def test_bf16_flowdiff_step_is_close_to_float32_and_params_stay_float32():
   """One joint step from the same params, batch and key, in float32 and in bf16."""
   config32, config16 = _config(), _config()
@@ -139,7 +140,7 @@ def test_bf16_flowdiff_step_is_close_to_float32_and_params_stay_float32():
   batch = _batch()
   state = _perturbed_state(config32, batch)
   rng = jax.random.key(3)
-  step = jax.jit(ts.train_step)
+  step = jax.jit(step_lib.train_step)
   new32, metrics32 = jax.device_get(step(state, batch, rng))
   # Same params and optimiser: only the static networks differ.
   new16, metrics16 = jax.device_get(step(state.replace(objective=_objective(config16)), batch,
@@ -162,6 +163,7 @@ def test_bf16_flowdiff_step_is_close_to_float32_and_params_stay_float32():
 # Rematerialisation.
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
   config, config_remat = _config(), _config(remat=True)
   validate_config(config_remat)
@@ -190,23 +192,25 @@ def test_remat_gives_the_same_loss_and_gradients():
 # Several steps per dispatch.
 
 
+@pytest.mark.slow
 def test_k_steps_in_one_dispatch_equal_k_single_steps():
   """3 steps (the first with learning rate 0, then warm-up) as one scan vs 3 calls, 4 devices."""
   config = _config(model="gaussian")
   batches = [_batch(seed) for seed in (1, 2, 3)]
-  mesh = ts.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(jax.devices()[:4])
   state0 = jax.device_get(_perturbed_state(config, batches[0]))
-  fresh = lambda: jax.device_put(jax.tree.map(np.copy, state0), ts.replicated(mesh))  # noqa: E731
+  fresh = lambda: jax.device_put(jax.tree.map(np.copy, state0), parallel.replicated(mesh))
   rng = jax.random.key(5)
 
-  step_fn = ts.make_train_step(config, mesh)
+  step_fn = step_lib.make_train_step(config, mesh)
   state, single = fresh(), []
   for batch in batches:
-    state, metrics = step_fn(state, jax.device_put(batch, ts.batch_sharding(mesh)), rng)
+    state, metrics = step_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)), rng)
     single.append(jax.device_get(metrics))
-  stacked = train._make_stack(mesh)([jax.device_put(b, ts.batch_sharding(mesh)) for b in batches])
+  sharding = parallel.batch_sharding(mesh)
+  stacked = train._make_stack(mesh)([jax.device_put(b, sharding) for b in batches])
   assert stacked["y"].shape == (3, 8, _SIZE, _SIZE, 1)
-  scanned, metrics = ts.make_train_steps(config, mesh)(fresh(), stacked, rng)
+  scanned, metrics = step_lib.make_train_steps(config, mesh)(fresh(), stacked, rng)
 
   assert int(scanned.step) == int(state.step) == 3
   assert set(metrics) == set(single[0])
@@ -219,7 +223,7 @@ def test_k_steps_in_one_dispatch_equal_k_single_steps():
     np.testing.assert_allclose(values, [m[key] for m in single], rtol=1e-6, err_msg=key)
   _assert_states_close(scanned, state)
   # The loop's per-step metrics history takes single-step and K-step entries.
-  fetched = train._fetch_metrics([jax.tree.map(lambda v: v[0], metrics),  # noqa: SLF001
+  fetched = train._fetch_metrics([jax.tree.map(lambda v: v[0], metrics),
                                   jax.tree.map(lambda v: v[1:], metrics)])
   np.testing.assert_array_equal([m["train/loss"] for m in fetched], metrics["train/loss"])
 
@@ -237,8 +241,9 @@ def test_intervals_must_be_multiples_of_steps_per_dispatch(field):
     validate_config(config)
 
 
+@pytest.mark.slow
 def test_run_resumed_under_other_steps_per_dispatch_ends_at_the_same_params(
-    tmp_path, mock_fashion_mnist):  # noqa: F811
+    tmp_path, mock_fashion_mnist):
   """K=1 for 4 steps, vs K=1 for 1 step then K=2 to step 4 (a single step to 2, then one dispatch).
 
   Changing K changes float rounding (see above), so the resume needs
@@ -265,8 +270,9 @@ def test_run_resumed_under_other_steps_per_dispatch_ends_at_the_same_params(
 
 
 @pytest.mark.parametrize("per_dispatch", [1, 2])
+@pytest.mark.slow
 def test_loop_compiles_its_step_once_and_feeds_it_device_arrays_only(
-    tmp_path, mock_fashion_mnist, monkeypatch, per_dispatch):  # noqa: F811
+    tmp_path, mock_fashion_mnist, monkeypatch, per_dispatch):
   """6 steps with logging, an eval and two checkpoints in between: the jitted step
   compiles once (no retrace from a changed shape, dtype, sharding or weak type
   after a save or an eval) and every call gets arrays already on the device
@@ -281,13 +287,13 @@ def test_loop_compiles_its_step_once_and_feeds_it_device_arrays_only(
         with jax.transfer_guard("disallow"):
           out = fn(*args)
         # The compilation cache's size once the first call has compiled.
-        called.setdefault(fn, fn._cache_size())  # noqa: SLF001
+        called.setdefault(fn, fn._cache_size())
         return out
       return guarded
     return wrapped
 
-  monkeypatch.setattr(ts, "make_train_step", spy(ts.make_train_step))
-  monkeypatch.setattr(ts, "make_train_steps", spy(ts.make_train_steps))
+  monkeypatch.setattr(step_lib, "make_train_step", spy(step_lib.make_train_step))
+  monkeypatch.setattr(step_lib, "make_train_steps", spy(step_lib.make_train_steps))
   config = tiny.get_config()
   config.method = "naive"
   config.data.fmnist_idx_dir = ""  # the mocked tfds source
@@ -301,4 +307,4 @@ def test_loop_compiles_its_step_once_and_feeds_it_device_arrays_only(
   # with 1: jit objects of the same function and options share one cache, which
   # earlier tests may have filled.)
   assert len(called) == 1
-  assert [fn._cache_size() for fn in called] == list(called.values())  # noqa: SLF001
+  assert [fn._cache_size() for fn in called] == list(called.values())

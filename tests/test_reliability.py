@@ -1,10 +1,11 @@
 """Reliability (issue 8): preemption, damaged checkpoints, divergence, another run's workdir.
 
-Runs are launched as users launch them (`python -m flowdiff_jax.main`) on the
-Debian Fashion-MNIST files, with real SIGTERM/SIGINT, and the tests look at
-the files each run leaves in its workdir. Every run is tiny (a one-level U-Net,
-1 CPU device); the uninterrupted reference runs are shared by the tests of a
-method, and independent runs overlap (a 2-core machine compiles two at once).
+Runs are launched as users launch them (`python -m flowdiff_jax.main`) on
+generated Fashion-MNIST idx files (conftest's fmnist_idx_dir), with real
+SIGTERM/SIGINT, and the tests look at the files each run leaves in its workdir.
+Every run is tiny (a one-level U-Net, 1 CPU device); the uninterrupted
+reference runs are shared by the tests of a method, and independent runs
+overlap (a 2-core machine compiles two at once).
 """
 
 import os
@@ -22,20 +23,31 @@ import orbax.checkpoint as ocp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IDX_DIR = "/usr/share/datasets/fashion-mnist"
+# data.fmnist_idx_dir of every run: the generated files of conftest's fmnist_idx_dir
+# fixture, set by _use_generated_fashion_mnist below.
+IDX_DIR = None
 TIMEOUT_S = 400  # one run, compile included, on a busy CI machine
 # Steps of the runs: clean is killed several times, flowdiff once (its compile costs more).
 STEPS = {"clean": 20, "flowdiff": 8}
 # Random kill points; set RELIABILITY_SEED to try others.
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(IDX_DIR, "train-images-idx3-ubyte.gz")),
-    reason="Debian package dataset-fashion-mnist not installed")
+# Every test trains (several runs of a program that compiles for tens of seconds).
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _use_generated_fashion_mnist(fmnist_idx_dir):
+  """IDX_DIR is the generated Fashion-MNIST for this module's runs (before `references`)."""
+  global IDX_DIR
+  IDX_DIR = fmnist_idx_dir
+  yield
+  IDX_DIR = None
 
 
 def _flags(method: str, workdir, steps: int, **overrides) -> list[str]:
   """Command-line flags of a tiny run; `overrides` are more config fields (name=value)."""
+  assert IDX_DIR, "set by the autouse fixture _use_generated_fashion_mnist"
   fields = {
       "method": method, "training.num_train_steps": steps, "training.batch_size": 8,
       "data.max_train_examples": 64, "data.fmnist_idx_dir": IDX_DIR, "data.read_threads": 1,
@@ -258,7 +270,7 @@ def test_damaged_checkpoints_are_skipped_and_kept(references, tmp_path):
 
 def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
   """Every checkpoint damaged: restore_latest lists them and moves none (in-process)."""
-  from flowdiff_jax import checkpoint, data, train_step as ts  # noqa: PLC0415
+  from flowdiff_jax import checkpoint, data, step as step_lib
 
   work = tmp_path / "run"
   shutil.copytree(references.workdir("clean"), work, ignore=shutil.ignore_patterns("events.*"))
@@ -268,7 +280,7 @@ def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      jax.eval_shape(lambda: ts.create_train_state(
+      jax.eval_shape(lambda: step_lib.create_train_state(
           config, jax.random.key(0), {"x": jax.ShapeDtypeStruct((8, 28, 28, 1), np.float32)})))
   manager = checkpoint.make_manager(str(work), config)
   with pytest.raises(RuntimeError, match=r"(?s)No checkpoint in .* reads back:\n  step 20: .*"
@@ -300,12 +312,12 @@ def test_another_runs_workdir_is_refused(references, tmp_path):
 
   # Even when allowed, a checkpoint whose arrays are not the state's is refused,
   # never taken for a damaged one and moved (checked here without a training run).
-  from flowdiff_jax import checkpoint, train_step as ts  # noqa: PLC0415
+  from flowdiff_jax import checkpoint, step as step_lib
 
   config = checkpoint.load_prior_config(reference)  # the stored config, as resumed
   config.model.base_channels = 16
   batch = {"x": jax.ShapeDtypeStruct((8, 28, 28, 1), np.float32)}
-  state = jax.eval_shape(lambda: ts.create_train_state(config, jax.random.key(0), batch))
+  state = jax.eval_shape(lambda: step_lib.create_train_state(config, jax.random.key(0), batch))
   manager = checkpoint.make_manager(reference, config)
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
                      match=r"(?s)step 20 .* holds other arrays than this run's state \(\d+ "
@@ -329,9 +341,9 @@ import sys
 import flowdiff_jax  # its XLA workarounds, before jax starts
 import jax.numpy as jnp
 from absl import app
-from flowdiff_jax import main, train_step as ts
+from flowdiff_jax import main, step as step_lib
 
-make_loss_fn = ts.make_loss_fn
+make_loss_fn = step_lib.make_loss_fn
 
 def poisoned_loss_fn(obj, batch, step, rng, axis_name=None):
   loss_fn = make_loss_fn(obj, batch, step, rng, axis_name)
@@ -343,7 +355,7 @@ def poisoned_loss_fn(obj, batch, step, rng, axis_name=None):
     return loss * poison, dict(terms, prior_nll=terms["prior_nll"] * poison)
   return fn
 
-ts.make_loss_fn = poisoned_loss_fn
+step_lib.make_loss_fn = poisoned_loss_fn
 sys.argv[0] = "flowdiff_jax.main"
 app.run(main.main)
 """

@@ -1,4 +1,4 @@
-"""Per-example draws do not depend on how the batch is split (DESIGN 5, Randomness).
+"""Per-example draws do not depend on how the batch is split (docs/design.md §5.3).
 
 The same function of a global batch is run three ways: under jax.jit on the
 whole batch (axis_name=None), under jax.shard_map over 4 devices and under
@@ -10,9 +10,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
 
 from flowdiff_jax import diffusion, rng
 from flowdiff_jax.models import flow as flow_lib
@@ -30,7 +30,7 @@ def _data(seed, shape):
   return jax.random.normal(jax.random.key(seed, impl="rbg"), shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mesh():
   return jax.make_mesh((_DEVICES,), (_AXIS,), axis_types=(AxisType.Auto,))
 
@@ -88,10 +88,11 @@ def test_raw_draws_are_exactly_the_global_draw(batch_axis):
   assert len({r.tobytes() for r in rows}) == _DEVICES
 
 
+@pytest.mark.slow
 def test_dsm_loss_is_independent_of_the_split():
   sched = diffusion.VPSchedule()
   x = _data(1, (8, 4, 4, 1))
-  eps_fn = lambda x_t, t: 0.5 * x_t  # noqa: E731
+  eps_fn = lambda x_t, t: 0.5 * x_t
 
   def loss(x, key, axis_name):
     return diffusion.dsm_loss(eps_fn, sched, x, key, axis_name=axis_name)
@@ -103,10 +104,11 @@ def test_dsm_loss_is_independent_of_the_split():
   np.testing.assert_allclose(pmapped, global_, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nll_bound_is_independent_of_the_split():
   sched = diffusion.VPSchedule()
   x = _data(3, (8, 2, 2, 1))
-  eps_fn = lambda x_t, t: 0.5 * x_t  # noqa: E731
+  eps_fn = lambda x_t, t: 0.5 * x_t
 
   def bound(x, key, axis_name):
     return diffusion.nll_bound(eps_fn, sched, x, key, num_time_samples=2,
@@ -118,6 +120,7 @@ def test_nll_bound_is_independent_of_the_split():
   np.testing.assert_allclose(pmapped, global_, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_flow_sample_is_independent_of_the_split():
   flow = flow_lib.ConditionalGlow(num_levels=1, num_steps=1, hidden_channels=4, cond_channels=4)
   cond = _data(5, (8, 4, 4, 2))

@@ -111,6 +111,7 @@ def test_ddpm_cifar_size_and_shape():
   assert out.shape == x.shape and out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_output_depends_on_t(tiny):
   _, variables, apply, x, t = tiny
   params = _randomize(variables, 2)
@@ -130,6 +131,7 @@ def test_batch_examples_are_independent(tiny):
   np.testing.assert_allclose(out2[1:], out[1:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training(tiny):
   _, variables, apply, x, t = tiny
   params = _randomize(variables, 5)

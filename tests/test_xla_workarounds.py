@@ -23,7 +23,7 @@ def test_uniform_time_nll_bound_is_the_same_under_jit():
   # The case that exposed the bug: the uniform-t NLL bound of the linear schedule.
   schedule = diffusion.VPSchedule(kind="linear")
   x = 0.3 * jnp.sin(jnp.arange(8 * 4 * 4, dtype=jnp.float32)).reshape(8, 4, 4, 1)
-  eps_fn = lambda x_t, t: 0.5 * x_t  # noqa: E731
+  eps_fn = lambda x_t, t: 0.5 * x_t
 
   def bound(x):
     return diffusion.nll_bound(eps_fn, schedule, x, jax.random.key(0, impl="rbg"),

@@ -104,7 +104,6 @@ def _apply_override(config, assignment: str) -> None:
 def matmul_flops_per_s(size: int, dtype: str, repeats: int = 5) -> float:
   """Measured FLOP/s of a [size, size] @ [size, size] matmul on the default device."""
   import jax
-  import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.key(0), (size, size), dtype=dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype=dtype)
@@ -123,20 +122,20 @@ def _synthetic_batch(config, mesh, batch_size: int):
   import jax
   import numpy as np
 
-  from flowdiff_jax import data, operators, train_step as ts
+  from flowdiff_jax import data, methods, operators, parallel
 
   shape = data.image_shape(config)
   rng = np.random.default_rng(0)
   raw = {"image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
          "index": np.arange(batch_size, dtype=np.int32)}
   op = operators.make_operator(config.operator)
-  keep = ts.METHOD_INPUTS[config.method]
+  keep = methods.get(config.method).inputs
 
   def prepare(raw):
     batch = data.prepare_batch(raw, op, config.data.corruption_seed, keep_clean="x" in keep)
     return {k: batch[k] for k in keep}
 
-  return jax.jit(prepare, out_shardings=ts.batch_sharding(mesh))(raw)
+  return jax.jit(prepare, out_shardings=parallel.batch_sharding(mesh))(raw)
 
 
 def _flops(stage) -> float:
@@ -154,22 +153,22 @@ def bench_step(config, *, warmup: int, repeats: int) -> dict:
   """
   import jax
 
-  from flowdiff_jax import train, train_step as ts
+  from flowdiff_jax import parallel, step as step_lib, train
 
-  mesh = ts.make_mesh()
+  mesh = parallel.make_mesh()
   k = config.training.get("steps_per_dispatch", 1)
   batch = _synthetic_batch(config, mesh, config.training.batch_size)
   with jax.threefry_partitionable(False):
-    state = jax.jit(lambda r, b: ts.create_train_state(config, r, b),
-                    out_shardings=ts.replicated(mesh))(jax.random.key(0), batch)
+    state = jax.jit(lambda r, b: step_lib.create_train_state(config, r, b),
+                    out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch)
   rng = jax.random.key(1)
   if k > 1:
     # The single step's FLOPs, from its HLO: no second compilation.
-    flops = _flops(ts.make_train_step(config, mesh).lower(state, batch, rng))
+    flops = _flops(step_lib.make_train_step(config, mesh).lower(state, batch, rng))
     batch = train._make_stack(mesh)([batch] * k)  # noqa: SLF001 (the loop's own)
-    step = ts.make_train_steps(config, mesh)
+    step = step_lib.make_train_steps(config, mesh)
   else:
-    step = ts.make_train_step(config, mesh)
+    step = step_lib.make_train_step(config, mesh)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
@@ -218,24 +217,24 @@ def bench_loop(config, *, warmup: int, repeats: int) -> dict:
   """
   import jax
 
-  from flowdiff_jax import data, train, train_step as ts
+  from flowdiff_jax import data, parallel, step as step_lib, train
 
-  mesh = ts.make_mesh()
+  mesh = parallel.make_mesh()
   prepare = train._make_prepare(config, mesh, for_eval=False)  # noqa: SLF001 (the loop's own)
   source = data.make_source(config, "train")
   it = iter(data.train_dataset(config, source))
   batch = prepare(next(it))
   with jax.threefry_partitionable(False):
-    state = jax.jit(lambda r, b: ts.create_train_state(config, r, b),
-                    out_shardings=ts.replicated(mesh))(jax.random.key(0), batch)
+    state = jax.jit(lambda r, b: step_lib.create_train_state(config, r, b),
+                    out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch)
   k = config.training.get("steps_per_dispatch", 1)
   if k > 1:
-    steps, stack = ts.make_train_steps(config, mesh), train._make_stack(mesh)  # noqa: SLF001
-    step = lambda state, rng: steps(  # noqa: E731
+    steps, stack = step_lib.make_train_steps(config, mesh), train._make_stack(mesh)  # noqa: SLF001
+    step = lambda state, rng: steps(
         state, stack([prepare(next(it)) for _ in range(k)]), rng)
   else:
-    single = ts.make_train_step(config, mesh)
-    step = lambda state, rng: single(state, prepare(next(it)), rng)  # noqa: E731
+    single = step_lib.make_train_step(config, mesh)
+    step = lambda state, rng: single(state, prepare(next(it)), rng)
   rng = jax.random.key(1)
   for _ in range(warmup):
     state, metrics = step(state, rng)
@@ -260,7 +259,7 @@ def run_all(args) -> list[dict]:
   rows = []
   per_device = bool(os.environ.get("BENCH_PER_DEVICE_BATCH"))
   for name in args.configs.split(","):
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"flowdiff_jax.configs.{name}")
     for method in args.methods.split(","):
       for bs in (int(b) for b in args.batch_sizes.split(",")):
         config = module.get_config()
@@ -322,6 +321,7 @@ def main(argv=None) -> None:
     peak = max(peaks) * 1e12
   else:
     import jax
+
     import flowdiff_jax  # noqa: F401
 
     peak = matmul_flops_per_s(args.matmul_size, args.dtype)

@@ -22,12 +22,12 @@ import os
 import platform
 import time
 
-import flowdiff_jax  # noqa: F401  (XLA workarounds before jax starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import flowdiff_jax  # noqa: F401  (XLA workarounds before jax starts)
 from flowdiff_jax.data import read_idx_images
 from flowdiff_jax.models import classifier
 

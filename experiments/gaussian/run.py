@@ -18,8 +18,8 @@ import time
 import jax
 import numpy as np
 
-from configs import default
-from flowdiff_jax import oracle, train_step as ts
+from flowdiff_jax import oracle, step as step_lib
+from flowdiff_jax.configs import default
 
 
 def make_config(method: str, operator: str, steps: int):
@@ -40,9 +40,9 @@ def run(method, operator, args, mu, sigma):
   _, data = oracle.corrupted_data(config, mu, sigma, args.examples)
   n = data["y"].shape[0]
   order = np.random.default_rng(0)
-  take = lambda idx: jax.tree.map(lambda a: a[idx], data)  # noqa: E731
-  state = ts.create_train_state(config, jax.random.key(0), take(np.arange(256)))
-  step_fn = jax.jit(ts.train_step, donate_argnums=0)
+  take = lambda idx: jax.tree.map(lambda a: a[idx], data)
+  state = step_lib.create_train_state(config, jax.random.key(0), take(np.arange(256)))
+  step_fn = jax.jit(step_lib.train_step, donate_argnums=0)
   rng = jax.random.key(1)
   shape = (args.size, args.size, 1)
   curve = []

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Downstream inverse problems (DESIGN 2.7): DPS and ΠGDM with each trained
+# Downstream inverse problems (docs/design.md §2.7): DPS and ΠGDM with each trained
 # Fashion-MNIST prior on random inpainting (p = 0.6, σ_y = 0.01), denoising
 # (σ_y = 0.2) and deblurring (9×9 Gaussian, std 2, σ_y = 0.02), σ_y on the
 # [-1, 1] scale. Every prior sees the same test images (0 … NUM_IMAGES − 1 of

@@ -1,4 +1,4 @@
-"""Multi-scale conditional Glow (DESIGN 2.1): the amortized posterior q_φ(x | y, ω).
+"""Multi-scale conditional Glow (docs/design.md §2.1): the amortized posterior q_φ(x | y, ω).
 
 Images are float32 ``[B, H, W, C]``. Per level: squeeze (2x2 space-to-depth),
 then ``num_steps`` flow steps of
@@ -33,8 +33,9 @@ pass instead of storing them. Neither changes the parameter tree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -247,7 +248,7 @@ class ConditionalCoupling(nn.Module):
   remat: bool = False        # recompute the net's activations in the backward pass
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None, *,
+  def __call__(self, x: jax.Array, cond: jax.Array | None = None, *,
                reverse: bool = False):
     if self.coupling not in COUPLINGS:
       raise ValueError(f"flow.coupling must be one of {COUPLINGS}, got {self.coupling!r}")
@@ -310,7 +311,7 @@ class ConditioningNet(nn.Module):
 
   @nn.compact
   def __call__(self, c: jax.Array) -> list[jax.Array]:
-    conv = lambda *args, **kwargs: nn.Conv(*args, dtype=self.dtype, **kwargs)  # noqa: E731
+    conv = lambda *args, **kwargs: nn.Conv(*args, dtype=self.dtype, **kwargs)
     h = nn.relu(conv(self.channels, (3, 3), padding="SAME", name="stem")(c))
     feats = []
     for level in range(self.num_levels):
@@ -441,8 +442,8 @@ def tile_samples(a: jax.Array, n: int) -> jax.Array:
 
 
 def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.Array,
-           num_samples: int, base: Optional[jax.Array] = None, *,
-           axis_name: Optional[str] = None):
+           num_samples: int, base: jax.Array | None = None, *,
+           axis_name: str | None = None):
   """Reparametrised draws from q(x | c) for every conditioning input.
 
   z ~ N(0, I); x = G(z; c), plus ``base`` x̂₀ [B, H, W, C] when given (the flow
@@ -480,7 +481,7 @@ def sample(flow: ConditionalGlow, params: Any, rng: jax.Array, cond_input: jax.A
 
 
 def log_prob(flow: ConditionalGlow, params: Any, x: jax.Array, cond_input: jax.Array,
-             base: Optional[jax.Array] = None) -> jax.Array:
+             base: jax.Array | None = None) -> jax.Array:
   """log q(x | c) [B] for x [B, H, W, C] (x − base when a residual base is given)."""
   if base is not None:
     x = x - base

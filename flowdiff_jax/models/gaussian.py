@@ -6,7 +6,7 @@ C_t = alpha_t^2 Sigma + sigma_t^2 I, and the optimal epsilon prediction is
     eps_hat(x_t, t) = -sigma_t grad log p_t(x_t) = sigma_t C_t^-1 (x_t - alpha_t mu).
 
 `GaussianScore` learns mu and Sigma, so its family contains the true score of
-Gaussian data (DESIGN 2.8): the oracle for tests and experiments on that
+Gaussian data (docs/design.md §2.8): the oracle for tests and experiments on that
 problem. It does a D x D Cholesky per example (D = H*W*C), so D must be small.
 """
 

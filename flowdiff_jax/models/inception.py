@@ -25,9 +25,9 @@ and returns the Flax variables {"params", "batch_stats"}. The README's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import os
-from typing import Sequence
 
 import flax
 import flax.linen as nn
@@ -356,7 +356,7 @@ def load_variables(path: str) -> dict:
   raise ValueError(f"Inception weights path must end in .npz or .msgpack, got {path!r}.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_features(resize_to: int | None):
   net = FIDInceptionV3(resize_to=resize_to)
   return jax.jit(net.apply)

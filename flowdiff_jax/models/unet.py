@@ -24,9 +24,10 @@ a fresh network is an identity on the residual stream and outputs eps_hat = 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import itertools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,7 +54,7 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def _group_norm(channels: int, num_groups: int, name: Optional[str] = None,
+def _group_norm(channels: int, num_groups: int, name: str | None = None,
                 dtype: Any = jnp.float32):
   groups = min(num_groups, channels)
   if channels % groups:
@@ -64,13 +65,13 @@ def _group_norm(channels: int, num_groups: int, name: Optional[str] = None,
 
 
 def _conv3x3(features: int, *, strides: int = 1, zero: bool = False,
-             name: Optional[str] = None, dtype: Any = jnp.float32):
+             name: str | None = None, dtype: Any = jnp.float32):
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME",
                  kernel_init=_zero_init if zero else _default_init, name=name,
                  dtype=dtype)
 
 
-def _dense(features: int, *, zero: bool = False, name: Optional[str] = None,
+def _dense(features: int, *, zero: bool = False, name: str | None = None,
            dtype: Any = jnp.float32):
   return nn.Dense(features, kernel_init=_zero_init if zero else _default_init,
                   name=name, dtype=dtype)
@@ -142,7 +143,7 @@ class UNet(nn.Module):
   attn_resolutions: Sequence[int] = (16,)  # spatial sizes (height) with self-attention
   dropout: float = 0.1
   num_groups: int = 32  # GroupNorm groups: min(num_groups, channels), must divide
-  out_channels: Optional[int] = None  # default: input channels
+  out_channels: int | None = None  # default: input channels
   time_scale: float = 1000.0  # t in [0,1] is embedded as sinusoidal(t * time_scale)
   dtype: Any = jnp.float32  # compute dtype of convs/dense layers; params stay float32
   remat: bool = False  # recompute block activations in the backward pass
@@ -169,9 +170,9 @@ class UNet(nn.Module):
     res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
     res_ids, attn_ids = itertools.count(), itertools.count()
-    res_block = lambda ch: res_cls(ch, self.dropout, self.num_groups, dtype=dt,  # noqa: E731
+    res_block = lambda ch: res_cls(ch, self.dropout, self.num_groups, dtype=dt,
                                    name=f"ResBlock_{next(res_ids)}")
-    attn_block = lambda: attn_cls(self.num_groups, dtype=dt,  # noqa: E731
+    attn_block = lambda: attn_cls(self.num_groups, dtype=dt,
                                   name=f"AttnBlock_{next(attn_ids)}")
 
     temb_dim = 4 * self.base_channels

@@ -1,0 +1,29 @@
+"""The embedded default: a few CPU minutes of the naive baseline on Fashion-MNIST denoising.
+
+Runs offline from the Debian Fashion-MNIST files. A small U-Net and a short run:
+enough to see every output (checkpoint, TensorBoard events, a PNG sample grid),
+not enough for good samples.
+"""
+
+from flowdiff_jax.configs import fmnist_noise
+
+
+def get_config():
+  config = fmnist_noise.get_config()
+  config.method = "naive"
+  config.model.base_channels = 16
+  config.model.num_groups = 4
+  config.training.batch_size = 32
+  config.training.num_train_steps = 600
+  config.training.log_every_steps = 50
+  config.training.eval_every_steps = 300
+  config.training.sample_every_steps = 600
+  config.training.checkpoint_every_steps = 300
+  config.optim.warmup_steps = 100
+  config.optim.learning_rate = 1e-3
+  config.optim.ema_decay = 0.99
+  config.data.num_eval_examples = 256
+  config.eval.batch_size = 128
+  config.eval.num_samples = 36
+  config.eval.sample_steps = 50
+  return config

@@ -1,0 +1,84 @@
+"""`flowdiff`: the flow and the score network trained jointly (docs/design.md §2.4).
+
+One gradient of L_flow(φ; sg θ) + L_DSM(θ; sg x) on the same batch: the flow
+is an amortized E-step against the current diffusion prior, the score
+network's DSM on the flow's samples the M-step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from flowdiff_jax import configcheck, losses
+from flowdiff_jax.methods import base
+
+
+class FlowDiff(base.Method):
+  """Params {"flow", "score"}; the score network may update every k flow updates."""
+  name = "flowdiff"
+  has_posterior = True
+  has_prior = True
+
+  def validate(self, config: ml_collections.ConfigDict) -> None:
+    configcheck.positive(config, "flowdiff.flow_updates_per_score_update", integer=True)
+
+  def objective(self, config, channels, prior_config=None) -> base.Objective:
+    return base.flow_objective(base.base_objective(config, channels), config, prior="diffusion")
+
+  def init_params(self, obj, config, rng, batch, prior_params=None) -> dict[str, Any]:
+    flow_rng, score_rng = jax.random.split(rng)
+    return {"flow": base.init_flow(obj, flow_rng, batch),
+            "score": base.init_score(obj, score_rng, base.images_shape(batch))}
+
+  def optimizer(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    score_every = int(config.flowdiff.flow_updates_per_score_update)
+    return base.partitioned({
+        "flow": base.make_optimizer(config.flow_optim),
+        "score": base.make_optimizer(config.optim, every_k_steps=score_every)})
+
+  def loss_fn(self, obj, batch, step, rng, axis_name=None) -> base.LossFn:
+    loss_rng, dropout_rng = jax.random.split(rng)
+    weights = obj.loss_weights(step)
+
+    def make_eps_fn(score_params, train):
+      return base.eps_fn(obj, score_params, train=train, dropout_rng=dropout_rng)
+
+    def loss_fn(params):
+      loss, terms = losses.flowdiff_loss(
+          obj.flow, params["flow"], make_eps_fn, params["score"], obj.schedule, loss_rng,
+          batch["y"], batch["omega"], obj.operator, num_samples=obj.num_flow_samples,
+          residual=obj.residual, num_time_samples=obj.num_time_samples,
+          time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient,
+          axis_name=axis_name, **weights)
+      return loss, {**terms, **weights}
+    return loss_fn
+
+  def grad_metrics(self, grads) -> base.Metrics:
+    return {"train/grad_norm_flow": optax.global_norm(grads["flow"]),
+            "train/grad_norm_score": optax.global_norm(grads["score"])}
+
+  def step_metrics(self, terms) -> base.Metrics:
+    return base.flow_step_metrics(terms)
+
+  def eval_metrics(self, state, batch, rng, *, axis_name=None, num_posterior_samples=16,
+                   nll_time_samples=1) -> base.Metrics:
+    obj = state.objective
+    metrics = {}
+    if "x" in batch:
+      metrics.update(base.prior_fit_metrics(
+          obj, state.ema_params["score"], batch["x"], jax.random.fold_in(rng, 0),
+          nll_time_samples=nll_time_samples, axis_name=axis_name))
+    metrics.update(base.posterior_metrics(
+        obj, state.params["flow"], batch, jax.random.fold_in(rng, 1),
+        num_samples=num_posterior_samples, axis_name=axis_name))
+    return metrics
+
+  def diffusion_prior_params(self, state) -> Any:
+    return state.ema_params["score"]
+
+
+FLOWDIFF = FlowDiff()
