@@ -515,3 +515,27 @@ class RunData:
   def eval_batches(self, **process) -> list[dict[str, np.ndarray]]:
     """This process's held-out batches (`eval_batches`)."""
     return eval_batches(self.config, **process)
+
+  def observations(self, max_examples: int = 0, chunk: int = 4096) -> tuple[jax.Array, dict]:
+    """Every training observation (y [N, H, W, C], omega), as the training steps see them.
+
+    Clean images are corrupted with their index and data.corruption_seed,
+    exactly as `prepare_batch` does for training; the clean images themselves
+    are never returned. max_examples > 0 keeps the first ones. The whole set,
+    on every process (for fits made once before training, e.g. gaussian_em).
+    """
+    n = len(self.train_source)
+    n = min(n, max_examples) if max_examples else n
+    op = operators.make_operator(self.config.operator)
+    seed = self.config.data.corruption_seed
+    prepare = jax.jit(lambda raw: prepare_batch(raw, op, seed, keep_clean=False))
+    parts = []
+    for start in range(0, n, chunk):
+      items = [self.train_source[i] for i in range(start, min(start + chunk, n))]
+      raw = {k: np.stack([it[k] for it in items]) for k in items[0] if k != "index"}
+      raw["index"] = np.arange(start, start + len(items), dtype=np.int32)
+      batch = prepare(raw)
+      parts.append((batch["y"], batch["omega"]))
+    y = jnp.concatenate([p[0] for p in parts])
+    omega = jax.tree.map(lambda *a: jnp.concatenate(a), *[p[1] for p in parts])
+    return y, omega

@@ -61,6 +61,7 @@ from flowdiff_jax import (
   sampling,
   step as step_lib,
 )
+from flowdiff_jax.methods import base as method_base
 from flowdiff_jax.models import classifier, inception
 
 
@@ -156,7 +157,11 @@ def _posterior_fn(num_samples: int, num_shown: int):
     x, y = batch["x"], batch["y"]
     pinv = state.objective.operator.pinv(y, batch["omega"])
     per_example = {"posterior_std": jnp.mean(std, axis=(1, 2, 3))}
-    for name, estimate in (("posterior_mean", mean), ("observation", y), ("pinv", pinv)):
+    rows = [("posterior_mean", mean), ("observation", y), ("pinv", pinv)]
+    if state.objective.flow_base != "pinv":  # the flow's own base, e.g. a Gaussian's E[x | y]
+      rows.append(("flow_base", method_base.flow_estimate(state.objective, state.params, y,
+                                                          batch["omega"])))
+    for name, estimate in rows:
       per_example[f"{name}/psnr"] = evaluation.psnr(estimate, x)
       per_example[f"{name}/ssim"] = evaluation.ssim(estimate, x)
     columns = {"y": y, "samples": samples[:num_shown], "mean": mean, "std": std, "x": x}
@@ -414,7 +419,9 @@ def to_markdown(results: dict[str, Any]) -> str:
               f"{post['num_samples']} flow samples each)", "",
               "| estimate | PSNR (dB) ↑ | SSIM ↑ |", "|---|---:|---:|"]
     for key, label in (("posterior_mean", "posterior mean"), ("observation", "observation y"),
-                       ("pinv", "A⁺y")):
+                       ("pinv", "A⁺y"), ("flow_base", "the flow's base x̂₀(y)")):
+      if key + "/psnr" not in post:
+        continue
       lines.append(f"| {label} | {_pm(post[key + '/psnr'], 2)} | {_pm(post[key + '/ssim'], 4)} |")
     lines += ["", f"Mean per-pixel posterior std: {_pm(post['posterior_std'], 4)} "
               "([-1, 1] scale). ± is the standard error over images.", ""]

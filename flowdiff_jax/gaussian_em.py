@@ -75,7 +75,9 @@ low-rank family. The E-step is organised by operator:
 
 Public API: `fit`, `GaussianFit`, `posterior_mean`, `posterior_sample`,
 `sample`, `log_likelihood`, `posterior_moments` (dense, small D),
-`operator_matrix`, and the closed-form reference `denoise_mle`.
+`operator_matrix`, the closed-form reference `denoise_mle`, and the jittable
+restorer of the flow methods' warm start (`restorer`, `restore`,
+`restorer_shapes`).
 """
 
 from __future__ import annotations
@@ -747,6 +749,66 @@ def posterior_sample(fit_: GaussianFit, op: operators.Operator, y: jax.Array,
   y0 = op.measure(k_noise, x0, omega)
   return (x0 + posterior_mean(fit_, op, y, omega, batch_size=batch_size)
           - posterior_mean(fit_, op, y0, omega, batch_size=batch_size))
+
+
+# --------------------------------------------------------------------------
+# The posterior mean as a small, jittable restorer (the flow's base x̂₀(y)).
+# --------------------------------------------------------------------------
+
+
+def restorer_shapes(op: operators.Operator, image_shape, rank: int | None
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of `restorer`'s params for this operator, without fitting anything.
+
+  Shared operators (denoise, blur): {"mu": [D], "gain": [D, D]}; per-example
+  diagonal ones (masks): {"mu": [D], "factor": [D, r], "diag": [D]}.
+  """
+  d = math.prod(image_shape)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  if op.name in ("denoise", "blur"):
+    return {"mu": f32(d), "gain": f32(d, d)}
+  if not isinstance(op, _DIAGONAL) or rank is None:
+    raise NotImplementedError(
+        f"a restorer for the per-example operator {op.name!r} needs a low-rank fit (rank > 0) "
+        f"and a diagonal operator ({', '.join(c.name for c in _DIAGONAL)})")
+  return {"mu": f32(d), "factor": f32(d, rank), "diag": f32(d)}
+
+
+def restorer(fit_: GaussianFit, op: operators.Operator) -> dict[str, jax.Array]:
+  """Params of `restore` (x ↦ E[x | y] under the fit), precomputed once.
+
+  For an operator shared by all examples the posterior mean is affine in y,
+  m = μ + K (y − A μ), so the gain K [D, D] is formed here (one D×D Cholesky)
+  and `restore` is one matrix product. For per-example masks it keeps the
+  factor model and `restore` solves one r×r system per example.
+  """
+  sigma2 = _check_operator(op)
+  params = _params(fit_)
+  shapes = restorer_shapes(op, fit_.image_shape, fit_.rank)
+  if "gain" in shapes:
+    a_mat = _example_matrix(op, {}, fit_.image_shape)
+    measured = jnp.any(a_mat != 0, axis=1)
+    _, _, gain, _ = _shared_condition(_dense_cov(params), a_mat, measured, sigma2)
+    return {"mu": params["mu"], "gain": gain}
+  return {"mu": params["mu"], "factor": params["factor"], "diag": params["diag"]}
+
+
+def restore(params: dict[str, jax.Array], op: operators.Operator, y: jax.Array,
+            omega: Omega) -> jax.Array:
+  """E[x | y] [B, H, W, C] for observations y [B, H, W, C] with `restorer`'s params.
+
+  Pure and jittable: the flow methods call it inside the train step.
+  """
+  sigma2 = float(op.sigma_y) ** 2
+  b, image_shape = y.shape[0], y.shape[1:]
+  mu = params["mu"]
+  yf = y.reshape(b, -1)
+  if "gain" in params:
+    a_mu = op.apply(jnp.broadcast_to(mu.reshape(image_shape), y.shape), omega).reshape(b, -1)
+    return (mu + (yf - a_mu) @ params["gain"].T).reshape(y.shape)
+  a = op.apply(jnp.ones(y.shape, y.dtype), omega).reshape(b, -1)
+  post = _factor_posterior(mu, params["factor"], params["diag"], yf, a, sigma2)
+  return post["x_mean"].reshape(y.shape)
 
 
 def denoise_mle(y: Any, sigma_y: float) -> GaussianFit:

@@ -55,6 +55,7 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
                         num_samples: int = 1, beta_data: float | jax.Array = 1.0,
                         beta_prior: float | jax.Array = 1.0,
                         beta_ent: float | jax.Array = 1.0, residual: bool = False,
+                        x_hat: jax.Array | None = None,
                         axis_name: str | None = None, return_samples: bool = False):
   """Monte-Carlo amortized-inference loss of the flow, per dimension.
 
@@ -69,7 +70,9 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
     num_samples: flow samples S per observation.
     beta_data, beta_prior, beta_ent: weights of the three terms (scalars,
       possibly traced: the train step schedules them).
-    residual: if True the flow models x − A⁺y (base x̂₀ = op.pinv(y, omega)).
+    residual: if True the flow models x − x̂₀.
+    x_hat: the restoration x̂₀(y) [B, H, W, C] the flow is conditioned on (and,
+      with `residual`, its base); op.pinv(y, omega) when None.
     axis_name: the mapped axis under shard_map/pmap (None under jit): the
       base draws are then this device's rows of the global draw.
     return_samples: also return the samples x [B·S, H, W, C] (batch-major).
@@ -86,8 +89,9 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
     raise ValueError(f"operator.sigma_y must be > 0 for the flow's data term, got {sigma_y}")
   b = y.shape[0]
   dims = y.shape[1] * y.shape[2] * y.shape[3]
-  cond = flow_lib.conditioning_input(op, y, omega)
-  base = op.pinv(y, omega) if residual else None
+  x_hat = op.pinv(y, omega) if x_hat is None else x_hat
+  cond = flow_lib.conditioning_input(op, y, omega, x_hat)
+  base = x_hat if residual else None
   x, log_q = flow_lib.sample(flow, flow_params, rng, cond, num_samples, base=base,
                              axis_name=axis_name)
   # [S, B, ...] -> batch-major [B·S, ...].
@@ -129,7 +133,7 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
                   beta_prior: float | jax.Array = 1.0, beta_ent: float | jax.Array = 1.0,
                   residual: bool = True, num_time_samples: int = 1,
                   time_sampling: str = "log_snr", prior_gradient: str = "exact",
-                  axis_name: str | None = None):
+                  x_hat: jax.Array | None = None, axis_name: str | None = None):
   """The joint FlowDiff loss: L_flow(φ; sg θ) + L_DSM(θ; sg x), per dimension.
 
   Args:
@@ -143,7 +147,7 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
     y, omega, op: observations [B, H, W, C], operator parameters, operator.
     num_samples: flow samples S per observation; the score network trains on
       all B·S of them.
-    beta_*, residual: as in `amortized_flow_loss`.
+    beta_*, residual, x_hat: as in `amortized_flow_loss`.
     num_time_samples, time_sampling, prior_gradient: of the prior bound
       (`diffusion.nll_bound`'s num_time_samples, time_sampling, gradient).
     axis_name: the mapped axis under shard_map/pmap, None under jit.
@@ -161,7 +165,7 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
   flow_loss, terms, x = amortized_flow_loss(
       flow, flow_params, flow_rng, y, omega, op, prior, num_samples=num_samples,
       beta_data=beta_data, beta_prior=beta_prior, beta_ent=beta_ent, residual=residual,
-      axis_name=axis_name, return_samples=True)
+      x_hat=x_hat, axis_name=axis_name, return_samples=True)
   # sg(x): the score loss trains the score network only.
   dsm = jnp.mean(diffusion.dsm_loss(make_eps_fn(score_params, True), schedule,
                                     jax.lax.stop_gradient(x), dsm_rng, axis_name=axis_name))

@@ -97,14 +97,18 @@ def load_run(workdir: str, step: int | None = None,
     if config.amortized.prior == "diffusion":
       prior_config = load_config(config.amortized.prior_workdir)
 
-  def init(prior_params):
+  # Params fitted before training (the flow's Gaussian-EM base) are in the checkpoint.
+  fitted = methods.get(config.method).fitted_params_shapes(config, shape)
+
+  def init(prior_params, fitted_params):
     raw = {"image": jax.numpy.zeros((1, *shape), jax.numpy.uint8),
            "index": jax.numpy.zeros((1,), jax.numpy.int32)}
     batch = data.prepare_batch(raw, op, 0, keep_clean=True)
     return step_lib.create_train_state(config, jax.random.key(0), batch,
-                                       prior_params=prior_params, prior_config=prior_config)
+                                       prior_params=prior_params, prior_config=prior_config,
+                                       fitted_params=fitted_params)
 
-  abstract = jax.eval_shape(init, prior_params)
+  abstract = jax.eval_shape(init, prior_params, fitted)
   if sharding is None:
     sharding = parallel.replicated(parallel.make_mesh(jax.local_devices()))
   template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),

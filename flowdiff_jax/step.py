@@ -70,7 +70,8 @@ def make_objective(config: ml_collections.ConfigDict, channels: int,
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample_batch: Batch,
                        *, prior_params: Any = None,
-                       prior_config: ml_collections.ConfigDict | None = None) -> TrainState:
+                       prior_config: ml_collections.ConfigDict | None = None,
+                       fitted_params: dict[str, Any] | None = None) -> TrainState:
   """Initialises a TrainState; no data loader, loop or devices involved.
 
   Args:
@@ -83,10 +84,14 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, sample
       (prior "gaussian", D = H·W·C).
     prior_config: "amortized" + "diffusion": the config of the run that
       trained the prior (its U-Net and schedule).
+    fitted_params: what `Method.fit_params` fitted to the training
+      observations (e.g. {"gaussian_em": ...} with config.flow.base
+      "gaussian_em"); held fixed by the optimiser.
   """
   method = methods.get(config.method)
   obj = method.objective(config, base.images_shape(sample_batch)[-1], prior_config)
-  params = method.init_params(obj, config, rng, sample_batch, prior_params)
+  params = method.init_params(obj, config, rng, sample_batch, prior_params,
+                              fitted_params=fitted_params)
   tx = method.optimizer(config)
   # The EMA gets its own buffers: params and ema_params are donated separately.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -219,7 +224,7 @@ def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
   The flow's current params are used: the EMA (decay tuned for the score
   network's long runs) would lag a flow trained for a few thousand steps.
   """
-  return base.flow_samples(state.objective, state.params["flow"], batch, rng, num_samples,
+  return base.flow_samples(state.objective, state.params, batch, rng, num_samples,
                            axis_name=axis_name)
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -123,6 +124,16 @@ def load_fixed_prior(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
             "scale_tril": np.linalg.cholesky(cov).astype(np.float32)}
   logging.info("Prior: Gaussian fitted to %d clean training images (an oracle check).", n)
   return jax.device_put(params, parallel.replicated(mesh)), None
+
+
+def fit_before_training(method, config: ml_collections.ConfigDict, run_data: data.RunData,
+                        mesh: jax.sharding.Mesh) -> dict | None:
+  """`Method.fit_params` on every training observation (the same on every process)."""
+  start = time.time()
+  fitted = method.fit_params(config, run_data.observations, mesh)
+  logging.info("Fitted %s to the training observations before training (%.1f s).",
+               ", ".join(fitted), time.time() - start)
+  return jax.device_put(fitted, parallel.replicated(mesh))
 
 
 def _log_sigma_report(config: ml_collections.ConfigDict, report: dict, workdir: str) -> None:
@@ -345,17 +356,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   # A first batch from a separate iterator: shapes, and the flow's ActNorm init.
   sample_batch = prepare_train(next(iter(run_data.train_dataset())))
   prior_params, prior_config = load_fixed_prior(config, mesh, run_data.train_source)
-  # Created directly with replicated output sharding: no host copy of the params.
-  # Init is replicated, so the partitionable threefry lowering buys nothing
-  # there, and the classic one compiles ~3x faster on CPU.
-  with jax.threefry_partitionable(False):
-    init = functools.partial(step_lib.create_train_state, config, prior_config=prior_config)
-    state = jax.jit(init,
-                    out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params)
-  train_iter = iter(run_data.train_dataset())
   manager = checkpoint.make_manager(workdir, config)
+  method = methods.get(config.method)
+
+  def create_state(fitted_params):
+    # Created directly with replicated output sharding: no host copy of the params.
+    # Init is replicated, so the partitionable threefry lowering buys nothing
+    # there, and the classic one compiles ~3x faster on CPU.
+    with jax.threefry_partitionable(False):
+      init = functools.partial(step_lib.create_train_state, config, prior_config=prior_config)
+      return jax.jit(init, out_shardings=rep)(init_rng, sample_batch, prior_params=prior_params,
+                                              fitted_params=fitted_params)
+
+  # Params fitted to the observations before training (the flow's Gaussian-EM
+  # base): zeros as a template when a checkpoint will overwrite them.
+  shapes = method.fitted_params_shapes(config, image_shape)
+  resuming = manager.latest_step() is not None
+  fitted = (None if shapes is None else
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes) if resuming
+            else fit_before_training(method, config, run_data, mesh))
+  state = create_state(fitted)
+  train_iter = iter(run_data.train_dataset())
   restored = checkpoint.restore_latest(manager, state, train_iter, config=config,
                                        allow_config_change=allow_config_change)
+  if restored is None and shapes is not None and resuming:
+    # No checkpoint read back: start over, with a real fit.
+    state = create_state(fit_before_training(method, config, run_data, mesh))
   if restored is not None:
     state = restored
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
@@ -372,7 +398,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   if per_dispatch > 1:
     steps_fn, stack = step_lib.make_train_steps(config, mesh), _make_stack(mesh)
   eval_fn = step_lib.make_eval_step(config, mesh)
-  method = methods.get(config.method)
   has_flow, has_score = method.has_posterior, method.has_prior
   tr, ev = config.training, config.eval
   eval_batches = None

@@ -329,3 +329,28 @@ def test_rejects_noise_free_and_unsupported():
     ge.fit(operators.Denoise(sigma_y=0.0), jnp.asarray(x))
   with pytest.raises(ValueError, match="rank"):
     ge.fit(OPS["denoise"], jnp.asarray(x), rank=D + 1)
+
+
+@pytest.mark.parametrize("name,rank", [("denoise", None), ("denoise", 3), ("blur", None),
+                                       ("inpaint_random", 3), ("inpaint_box", 3)])
+def test_restorer_is_the_posterior_mean_and_jits(name, rank):
+  """`restore(restorer(fit))`, the flows' warm-start base, equals the information-form
+  posterior mean, under jit, with params of the shapes `restorer_shapes` promises."""
+  op = OPS[name]
+  mu, sigma, fit = _random_fit(np.random.default_rng(3), rank)
+  _, _, x = _problem(seed=4, n=6)
+  y, omega = _observe(op, x)
+  params = ge.restorer(fit, op)
+  shapes = ge.restorer_shapes(op, SHAPE, rank)
+  assert {k: (v.shape, v.dtype) for k, v in params.items()} == {
+      k: (s.shape, s.dtype) for k, s in shapes.items()}
+  restored = np.asarray(jax.jit(lambda p, yy, om: ge.restore(p, op, yy, om))(params, y, omega))
+  for i in range(x.shape[0]):
+    a = _matrix_by_basis(op, _example(omega, i))
+    m, _ = _info_form(mu, sigma, a, np.asarray(y[i], np.float64).reshape(-1), op.sigma_y)
+    np.testing.assert_allclose(restored[i].reshape(-1), m, atol=2e-4, rtol=1e-3)
+
+
+def test_restorer_refuses_a_dense_fit_of_per_example_masks():
+  with pytest.raises(NotImplementedError, match="needs a low-rank fit"):
+    ge.restorer_shapes(OPS["inpaint_random"], SHAPE, None)

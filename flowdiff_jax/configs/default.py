@@ -163,6 +163,24 @@ def get_config() -> ml_collections.ConfigDict:
   flow.coupling = "affine"
   # Model x − A⁺y instead of x (the flow then starts near the pseudo-inverse).
   flow.residual = True
+  # The flow's restoration x̂₀(y): its conditioning image and, with `residual`,
+  # its base. "pinv": A⁺y. "gaussian_em": the posterior mean of a Gaussian
+  # N(μ, Σ) fitted by EM to the training observations at the start (section
+  # `gaussian_em`), so a fresh flow is already a Wiener-type restorer.
+  flow.base = "pinv"
+
+  # --- Gaussian EM fit of the observations (flow.base = "gaussian_em") ---------
+  config.gaussian_em = gem = ml_collections.ConfigDict()
+  # Rank r of Σ = U Uᵀ + diag(d); 0: a dense Σ (denoise and blur only).
+  gem.rank = 64
+  # EM iterations.
+  gem.num_iters = 16
+  # Σ₀ = init_var · I: what the directions the data do not see keep (docs/design.md §2.9).
+  gem.init_var = 0.1
+  # Training observations fitted (0: all of them).
+  gem.max_examples = 0
+  # Examples per vmapped E-step chunk (per-example operators).
+  gem.batch_size = 256
 
   # --- Optimiser of the flow (same fields as `optim`) ---------------------------
   config.flow_optim = ml_collections.ConfigDict(dict(

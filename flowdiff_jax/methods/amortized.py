@@ -53,6 +53,7 @@ class Amortized(base.Method):
       configcheck.fail("amortized.prior_workdir", config.amortized.prior_workdir,
                        "the diffusion prior needs the workdir of a finished clean or naive run")
     configcheck.positive(config, "amortized.gaussian_fit_examples", integer=True)
+    base.validate_flow_base(config)
 
   def clean_images_needed(self, config) -> tuple[str, str] | None:
     if config.amortized.prior == "gaussian":
@@ -64,14 +65,22 @@ class Amortized(base.Method):
     return base.flow_objective(base.base_objective(config, channels, prior_config), config,
                                prior=config.amortized.prior)
 
-  def init_params(self, obj, config, rng, batch, prior_params=None) -> dict[str, Any]:
+  def init_params(self, obj, config, rng, batch, prior_params=None,
+                  fitted_params=None) -> dict[str, Any]:
     if prior_params is None:
       raise ValueError("method 'amortized' needs prior_params (a frozen prior)")
-    return {"flow": base.init_flow(obj, rng, batch), "prior": prior_params}
+    return {"flow": base.init_flow(obj, rng, batch, fitted_params), "prior": prior_params,
+            **(fitted_params or {})}
+
+  def fitted_params_shapes(self, config, image_shape):
+    return base.flow_base_shapes(config, image_shape)
+
+  def fit_params(self, config, observations, mesh=None):
+    return base.fit_flow_base(config, observations, mesh)
 
   def optimizer(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     return base.partitioned({"flow": base.make_optimizer(config.flow_optim),
-                             "prior": optax.set_to_zero()})
+                             "prior": optax.set_to_zero(), **base.frozen_transforms(config)})
 
   def loss_fn(self, obj, batch, step, rng, axis_name=None) -> base.LossFn:
     loss_rng, _ = jax.random.split(rng)  # the second key is the DSM methods' dropout key
@@ -79,11 +88,12 @@ class Amortized(base.Method):
 
     def loss_fn(params):
       flow_rng, prior_rng = jax.random.split(loss_rng)
+      x_hat = base.flow_estimate(obj, params, batch["y"], batch["omega"])
       loss, terms = losses.amortized_flow_loss(
           obj.flow, params["flow"], flow_rng, batch["y"], batch["omega"], obj.operator,
           prior_log_prob(obj, params["prior"], prior_rng, axis_name=axis_name),
-          num_samples=obj.num_flow_samples, residual=obj.residual, axis_name=axis_name,
-          **weights)
+          num_samples=obj.num_flow_samples, residual=obj.residual, x_hat=x_hat,
+          axis_name=axis_name, **weights)
       return loss, {**terms, **weights}
     return loss_fn
 
@@ -92,7 +102,7 @@ class Amortized(base.Method):
 
   def eval_metrics(self, state, batch, rng, *, axis_name=None, num_posterior_samples=16,
                    nll_time_samples=1) -> base.Metrics:
-    return base.posterior_metrics(state.objective, state.params["flow"], batch,
+    return base.posterior_metrics(state.objective, state.params, batch,
                                   jax.random.fold_in(rng, 1), num_samples=num_posterior_samples,
                                   axis_name=axis_name)
 

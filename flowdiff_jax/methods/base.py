@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flowdiff_jax import diffusion, evaluation, losses, operators, sampling
+from flowdiff_jax import (
+  configcheck,
+  diffusion,
+  evaluation,
+  gaussian_em,
+  losses,
+  operators,
+  sampling,
+)
 from flowdiff_jax.models import flow as flow_lib, gaussian, unet
 
 Batch = dict[str, Any]
@@ -56,7 +64,10 @@ class Objective:
     num_flow_samples: flow samples per observation in the loss.
     num_time_samples: (t, ε) draws per sample in the diffusion NLL bound.
     time_sampling, prior_gradient: of the NLL bound (`diffusion.nll_bound`).
-    residual: the flow models x − A⁺y rather than x.
+    residual: the flow models x − x̂₀(y) rather than x.
+    flow_base: the flow's restoration x̂₀(y) (conditioning image and residual
+      base): "pinv" (A⁺y) or "gaussian_em" (the posterior mean of a Gaussian
+      fitted to the training observations, held in params["gaussian_em"]).
   """
   method: str
   schedule: diffusion.VPSchedule
@@ -76,6 +87,7 @@ class Objective:
   time_sampling: str = "log_snr"
   prior_gradient: str = "exact"
   residual: bool = True
+  flow_base: str = "pinv"
 
   def loss_weights(self, step: jax.Array) -> dict[str, jax.Array]:
     """β_data, β_prior, β_ent at `step` (the number of updates applied so far)."""
@@ -128,9 +140,35 @@ class Method:
     return base_objective(config, channels, prior_config)
 
   def init_params(self, obj: Objective, config: ml_collections.ConfigDict, rng: jax.Array,
-                  batch: Batch, prior_params: Any = None) -> dict[str, Any]:
-    """The trained (and frozen) parameters, keyed by network."""
+                  batch: Batch, prior_params: Any = None,
+                  fitted_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trained (and frozen) parameters, keyed by network.
+
+    fitted_params: what `fit_params` computed from the training observations
+    before training (None when the method needs nothing of the kind).
+    """
     raise NotImplementedError
+
+  def fitted_params_shapes(self, config: ml_collections.ConfigDict,
+                           image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+    """Shapes (jax.ShapeDtypeStruct) of the params fitted before training; None: none.
+
+    The training program and `runs.load_run` build templates from them to
+    restore a checkpoint without fitting again.
+    """
+    del config, image_shape
+    return None
+
+  def fit_params(self, config: ml_collections.ConfigDict,
+                 observations: Callable[[int], tuple[jax.Array, Any]],
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any] | None:
+    """Params fitted to the training observations before training.
+
+    observations(max_examples) gives them: (y [N, H, W, C], omega), the first
+    max_examples (0: all; `data.RunData.observations`). Clean images never.
+    """
+    del config, observations, mesh
+    return None
 
   def optimizer(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """One transform per top-level key of the params (optax.multi_transform)."""
@@ -241,7 +279,78 @@ def flow_objective(obj: Objective, config: ml_collections.ConfigDict, prior: str
       beta_ent_init=float(am.beta_ent_init), beta_ent_anneal_steps=int(am.beta_ent_anneal_steps),
       num_flow_samples=int(am.num_flow_samples), num_time_samples=int(am.num_time_samples),
       time_sampling=am.time_sampling, prior_gradient=am.prior_gradient,
-      residual=bool(config.flow.residual))
+      residual=bool(config.flow.residual), flow_base=str(config.flow.get("base", "pinv")))
+
+
+# ----------------------------------------------------------------------------
+# The flow's restoration x̂₀(y), and its Gaussian-EM warm start.
+# ----------------------------------------------------------------------------
+
+# config.flow.base values; the params key of the fitted Gaussian restorer.
+FLOW_BASES = ("pinv", "gaussian_em")
+GAUSSIAN_KEY = "gaussian_em"
+
+
+def _gaussian_base(config: ml_collections.ConfigDict) -> bool:
+  return config.flow.get("base", "pinv") == "gaussian_em"
+
+
+def validate_flow_base(config: ml_collections.ConfigDict) -> None:
+  """config.flow.base and, for "gaussian_em", the fit's settings and the operator."""
+  configcheck.choice(config, "flow.base", FLOW_BASES)
+  if not _gaussian_base(config):
+    return
+  for field in ("num_iters", "batch_size"):
+    configcheck.positive(config, f"gaussian_em.{field}", integer=True)
+  configcheck.positive(config, "gaussian_em.init_var")
+  rank = config.gaussian_em.rank
+  if not isinstance(rank, int) or rank < 0:
+    configcheck.fail("gaussian_em.rank", rank, "must be an integer >= 0 (0: a dense Σ)")
+  op = operators.make_operator(config.operator)
+  if not op.sigma_y > 0:
+    configcheck.fail("operator.sigma_y", op.sigma_y, "flow.base='gaussian_em' needs σ_y > 0")
+  try:
+    gaussian_em.restorer_shapes(op, (1, 1, 1), rank or None)
+  except NotImplementedError as e:
+    configcheck.fail("gaussian_em.rank", rank, str(e))
+
+
+def flow_base_shapes(config: ml_collections.ConfigDict,
+                     image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+  """{"gaussian_em": restorer shapes} when the flow's base is fitted, else None."""
+  if not _gaussian_base(config):
+    return None
+  op = operators.make_operator(config.operator)
+  return {GAUSSIAN_KEY: gaussian_em.restorer_shapes(op, image_shape,
+                                                    int(config.gaussian_em.rank) or None)}
+
+
+def fit_flow_base(config: ml_collections.ConfigDict,
+                  observations: Callable[[int], tuple[jax.Array, Any]],
+                  mesh: jax.sharding.Mesh | None = None) -> dict[str, Any] | None:
+  """{"gaussian_em": restorer params} of N(μ, Σ) fitted by EM to the observations."""
+  if not _gaussian_base(config):
+    return None
+  gem = config.gaussian_em
+  op = operators.make_operator(config.operator)
+  y, omega = observations(int(gem.max_examples))
+  fit = gaussian_em.fit(op, y, omega, num_iters=int(gem.num_iters), rank=int(gem.rank) or None,
+                        init_var=float(gem.init_var), batch_size=int(gem.batch_size),
+                        mesh=mesh, seed=int(config.seed))
+  return {GAUSSIAN_KEY: gaussian_em.restorer(fit, op)}
+
+
+def frozen_transforms(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Optimiser labels of the fitted params: never updated."""
+  return {GAUSSIAN_KEY: optax.set_to_zero()} if _gaussian_base(config) else {}
+
+
+def flow_estimate(obj: Objective, params: dict[str, Any], y: jax.Array, omega) -> jax.Array:
+  """x̂₀(y) [B, H, W, C]: A⁺y, or the fitted Gaussian's posterior mean (params["gaussian_em"])."""
+  if obj.flow_base == "gaussian_em":
+    return gaussian_em.restore(jax.lax.stop_gradient(params[GAUSSIAN_KEY]), obj.operator, y,
+                               omega)
+  return obj.operator.pinv(y, omega)
 
 
 def images_shape(batch: Batch) -> tuple[int, int, int]:
@@ -249,16 +358,17 @@ def images_shape(batch: Batch) -> tuple[int, int, int]:
   return (batch["x"] if "x" in batch else batch["y"]).shape[1:]
 
 
-def init_flow(obj: Objective, rng: jax.Array, batch: Batch) -> Any:
+def init_flow(obj: Objective, rng: jax.Array, batch: Batch,
+              fitted_params: dict[str, Any] | None = None) -> Any:
   """Flow variables; ActNorm initialises on the batch's observations."""
   op = obj.operator
-  cond = flow_lib.conditioning_input(op, batch["y"], batch["omega"])
-  # ActNorm initialises on the first batch of what the flow models: x − A⁺y
-  # with the residual base, else images near A⁺y.
-  pinv = op.pinv(batch["y"], batch["omega"])
+  x_hat = flow_estimate(obj, fitted_params or {}, batch["y"], batch["omega"])
+  cond = flow_lib.conditioning_input(op, batch["y"], batch["omega"], x_hat)
+  # ActNorm initialises on the first batch of what the flow models: x − x̂₀
+  # with the residual base, else images near x̂₀.
   noise_rng, init_rng = jax.random.split(rng)
-  spread = 0.1 * jax.random.normal(noise_rng, pinv.shape)  # a guess of the posterior's scale
-  target = spread if obj.residual else pinv + spread
+  spread = 0.1 * jax.random.normal(noise_rng, x_hat.shape)  # a guess of the posterior's scale
+  target = spread if obj.residual else x_hat + spread
   return obj.flow.init(init_rng, target, cond)
 
 
@@ -281,21 +391,24 @@ def global_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
-def flow_samples(obj: Objective, flow_params: Any, batch: Batch, rng: jax.Array,
+def flow_samples(obj: Objective, params: dict[str, Any], batch: Batch, rng: jax.Array,
                  num_samples: int, *, axis_name: str | None = None) -> jax.Array:
-  """[num_samples, B, H, W, C] from the flow's q(x | y, ω) with these params."""
+  """[num_samples, B, H, W, C] from the flow's q(x | y, ω).
+
+  params: the method's params ({"flow", ...}; "gaussian_em" with that base).
+  """
   y, omega = batch["y"], batch["omega"]
-  cond = flow_lib.conditioning_input(obj.operator, y, omega)
-  base = obj.operator.pinv(y, omega) if obj.residual else None
-  x, _ = flow_lib.sample(obj.flow, flow_params, rng, cond, num_samples, base=base,
-                         axis_name=axis_name)
+  x_hat = flow_estimate(obj, params, y, omega)
+  cond = flow_lib.conditioning_input(obj.operator, y, omega, x_hat)
+  x, _ = flow_lib.sample(obj.flow, params["flow"], rng, cond, num_samples,
+                         base=x_hat if obj.residual else None, axis_name=axis_name)
   return x
 
 
-def posterior_metrics(obj: Objective, flow_params: Any, batch: Batch, rng: jax.Array, *,
+def posterior_metrics(obj: Objective, params: dict[str, Any], batch: Batch, rng: jax.Array, *,
                       num_samples: int, axis_name: str | None = None) -> Metrics:
-  """The flow's held-out metrics (see `flowdiff_jax.step.eval_step`)."""
-  samples = flow_samples(obj, flow_params, batch, rng, num_samples, axis_name=axis_name)
+  """The flow's held-out metrics (see `flowdiff_jax.step.eval_step`); params as `flow_samples`."""
+  samples = flow_samples(obj, params, batch, rng, num_samples, axis_name=axis_name)
   mean, std = sampling.posterior_summary(samples)
   y, omega, x = batch["y"], batch["omega"], batch.get("x")
   metrics = {
@@ -310,6 +423,9 @@ def posterior_metrics(obj: Objective, flow_params: Any, batch: Batch, rng: jax.A
         "eval/psnr_posterior_mean": global_mean(evaluation.psnr(mean, x), axis_name),
         "eval/psnr_observation": global_mean(evaluation.psnr(y, x), axis_name),
         "eval/psnr_pinv": global_mean(evaluation.psnr(pinv, x), axis_name)})
+    if obj.flow_base != "pinv":
+      metrics["eval/psnr_flow_base"] = global_mean(
+          evaluation.psnr(flow_estimate(obj, params, y, omega), x), axis_name)
   return metrics
 
 

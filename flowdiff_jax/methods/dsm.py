@@ -26,7 +26,8 @@ class DenoisingScoreMatching(base.Method):
     """The images the score network is trained on, [B, H, W, C]."""
     raise NotImplementedError
 
-  def init_params(self, obj, config, rng, batch, prior_params=None) -> dict[str, Any]:
+  def init_params(self, obj, config, rng, batch, prior_params=None,
+                  fitted_params=None) -> dict[str, Any]:
     return {"score": base.init_score(obj, rng, base.images_shape(batch))}
 
   def optimizer(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -25,20 +25,30 @@ class FlowDiff(base.Method):
 
   def validate(self, config: ml_collections.ConfigDict) -> None:
     configcheck.positive(config, "flowdiff.flow_updates_per_score_update", integer=True)
+    base.validate_flow_base(config)
 
   def objective(self, config, channels, prior_config=None) -> base.Objective:
     return base.flow_objective(base.base_objective(config, channels), config, prior="diffusion")
 
-  def init_params(self, obj, config, rng, batch, prior_params=None) -> dict[str, Any]:
+  def init_params(self, obj, config, rng, batch, prior_params=None,
+                  fitted_params=None) -> dict[str, Any]:
     flow_rng, score_rng = jax.random.split(rng)
-    return {"flow": base.init_flow(obj, flow_rng, batch),
-            "score": base.init_score(obj, score_rng, base.images_shape(batch))}
+    return {"flow": base.init_flow(obj, flow_rng, batch, fitted_params),
+            "score": base.init_score(obj, score_rng, base.images_shape(batch)),
+            **(fitted_params or {})}
+
+  def fitted_params_shapes(self, config, image_shape):
+    return base.flow_base_shapes(config, image_shape)
+
+  def fit_params(self, config, observations, mesh=None):
+    return base.fit_flow_base(config, observations, mesh)
 
   def optimizer(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     score_every = int(config.flowdiff.flow_updates_per_score_update)
     return base.partitioned({
         "flow": base.make_optimizer(config.flow_optim),
-        "score": base.make_optimizer(config.optim, every_k_steps=score_every)})
+        "score": base.make_optimizer(config.optim, every_k_steps=score_every),
+        **base.frozen_transforms(config)})
 
   def loss_fn(self, obj, batch, step, rng, axis_name=None) -> base.LossFn:
     loss_rng, dropout_rng = jax.random.split(rng)
@@ -48,11 +58,12 @@ class FlowDiff(base.Method):
       return base.eps_fn(obj, score_params, train=train, dropout_rng=dropout_rng)
 
     def loss_fn(params):
+      x_hat = base.flow_estimate(obj, params, batch["y"], batch["omega"])
       loss, terms = losses.flowdiff_loss(
           obj.flow, params["flow"], make_eps_fn, params["score"], obj.schedule, loss_rng,
           batch["y"], batch["omega"], obj.operator, num_samples=obj.num_flow_samples,
           residual=obj.residual, num_time_samples=obj.num_time_samples,
-          time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient,
+          time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient, x_hat=x_hat,
           axis_name=axis_name, **weights)
       return loss, {**terms, **weights}
     return loss_fn
@@ -73,7 +84,7 @@ class FlowDiff(base.Method):
           obj, state.ema_params["score"], batch["x"], jax.random.fold_in(rng, 0),
           nll_time_samples=nll_time_samples, axis_name=axis_name))
     metrics.update(base.posterior_metrics(
-        obj, state.params["flow"], batch, jax.random.fold_in(rng, 1),
+        obj, state.params, batch, jax.random.fold_in(rng, 1),
         num_samples=num_posterior_samples, axis_name=axis_name))
     return metrics
 

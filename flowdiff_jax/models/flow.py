@@ -420,9 +420,13 @@ class ConditionalGlow(nn.Module):
 # Pure helpers used by the losses.
 
 
-def conditioning_input(op: Any, y: jax.Array, omega: dict) -> jax.Array:
-  """[A⁺y, mask]: [B, H, W, C + 1]; the mask is omega["mask"] or ones [B, H, W, 1]."""
-  x_hat = op.pinv(y, omega)
+def conditioning_input(op: Any, y: jax.Array, omega: dict,
+                       x_hat: jax.Array | None = None) -> jax.Array:
+  """[x̂₀, mask]: [B, H, W, C + 1]; the mask is omega["mask"] or ones [B, H, W, 1].
+
+  x_hat: the restoration x̂₀(y) [B, H, W, C] the flow is conditioned on; A⁺y when None.
+  """
+  x_hat = op.pinv(y, omega) if x_hat is None else x_hat
   if "mask" in omega:
     mask = omega["mask"].astype(x_hat.dtype)
   else:
