@@ -164,6 +164,14 @@ def _posterior_fn(num_samples: int, num_shown: int):
     for name, estimate in rows:
       per_example[f"{name}/psnr"] = evaluation.psnr(estimate, x)
       per_example[f"{name}/ssim"] = evaluation.ssim(estimate, x)
+    # Calibration: how often the error is within k posterior stds (0.683 / 0.954
+    # for a calibrated Gaussian posterior), and the samples' data consistency
+    # (≈ 1 for exact posterior samples; `operators.residual_ratio`).
+    err = jnp.abs(mean - x)
+    for k in (1, 2):
+      per_example[f"coverage_{k}std"] = jnp.mean(err <= k * std, axis=(1, 2, 3))
+    per_example["residual_ratio"] = jnp.mean(operators.residual_ratio(
+        state.objective.operator, y, batch["omega"], samples), axis=0)
     columns = {"y": y, "samples": samples[:num_shown], "mean": mean, "std": std, "x": x}
     return per_example, columns
   return jax.jit(fn)
@@ -425,6 +433,12 @@ def to_markdown(results: dict[str, Any]) -> str:
       lines.append(f"| {label} | {_pm(post[key + '/psnr'], 2)} | {_pm(post[key + '/ssim'], 4)} |")
     lines += ["", f"Mean per-pixel posterior std: {_pm(post['posterior_std'], 4)} "
               "([-1, 1] scale). ± is the standard error over images.", ""]
+    if "coverage_1std" in post:
+      lines += [f"Calibration: the error is within 1 / 2 posterior stds at "
+                f"{_pm(post['coverage_1std'], 3)} / {_pm(post['coverage_2std'], 3)} of the "
+                "pixels (0.683 / 0.954 if calibrated and Gaussian); residual ratio of the "
+                f"samples ‖y − A x‖²/(m σ_y²) {_pm(post['residual_ratio'], 3)} (≈ 1 for exact "
+                "posterior samples).", ""]
   gen = results.get("generation")
   if gen:
     s = gen["settings"]

@@ -82,6 +82,9 @@ def test_evaluate_flowdiff_run_end_to_end(tmp_path, mock_fashion_mnist):
   assert post["pinv/psnr"]["mean"] == pytest.approx(post["observation/psnr"]["mean"])
   assert np.isfinite(post["posterior_mean/psnr"]["mean"])
   assert -1 <= post["posterior_mean/ssim"]["mean"] <= 1 and post["posterior_std"]["mean"] > 0
+  # Calibration numbers: coverages are fractions that grow with k; the residual ratio is positive.
+  assert 0 <= post["coverage_1std"]["mean"] <= post["coverage_2std"]["mean"] <= 1
+  assert post["residual_ratio"]["mean"] > 0
 
   gen = results["generation"]
   assert gen["settings"]["num_samples"] == 10 and gen["settings"]["num_reference"] == 16
@@ -97,6 +100,7 @@ def test_evaluate_flowdiff_run_end_to_end(tmp_path, mock_fashion_mnist):
   header = next(line for line in md.splitlines() if line.startswith("| images |"))
   assert "FD-FMNIST" in header and "FID" not in header  # never called FID
   assert "| posterior mean |" in md and "**prior samples** (10)" in md
+  assert "Calibration: the error is within 1 / 2 posterior stds" in md
 
 
 def test_sections_per_method():
