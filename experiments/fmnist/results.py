@@ -12,6 +12,9 @@ being `config.method` names (a variant gets its own key). Sources:
   workdirs are not in the repository), marked with their source.
 * gaussian_em: experiments/gaussian_em/results.json (its run_all.sh), the row
   named after the task.
+* flowdiff_warm_start: experiments/fmnist/warm_start/<task>_flowdiff_warm/
+  metrics.json, the evaluation of run_warm.sh's runs copied from their
+  workdirs (with wall_times.txt).
 * classical: experiments/fmnist/classical.json (classical.py).
 
 Standard library only.
@@ -76,6 +79,35 @@ def _from_table_md(task: str) -> dict:
   return rows
 
 
+def _wall_times(path: str) -> dict[str, int]:
+  """{"<task> <method>": seconds} from a wall_times.txt of run.sh / run_warm.sh."""
+  out = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        found = re.match(r"(\w+ \w+): (\d+) s", line.strip())
+        if found:
+          out[found.group(1)] = int(found.group(2))
+  return out
+
+
+def _warm_start_row(task: str) -> dict | None:
+  folder = os.path.join(HERE, "warm_start")
+  m = _read_json(os.path.join(folder, f"{task}_flowdiff_warm", "metrics.json"))
+  if m is None:
+    return None
+  post = m["posterior"]
+  get = lambda key: post[key]["mean"] if key in post else None
+  return dict(fd_fmnist=m["generation"]["rows"]["samples"]["fd_fmnist"],
+              psnr_posterior_mean=get("posterior_mean/psnr"),
+              psnr_flow_base=get("flow_base/psnr"),
+              wall_s=_wall_times(os.path.join(folder, "wall_times.txt")).get(
+                  f"{task} flowdiff_warm"),
+              residual_ratio=get("residual_ratio"), coverage_1std=get("coverage_1std"),
+              coverage_2std=get("coverage_2std"), steps=m["run"]["step"],
+              source=f"experiments/fmnist/warm_start/{task}_flowdiff_warm/metrics.json")
+
+
 def build(root: str) -> dict:
   gem = _read_json(GAUSSIAN_EM) or {}
   classical = _read_json(CLASSICAL)
@@ -89,6 +121,9 @@ def build(root: str) -> dict:
           wall_s=g["wall_fit_s"], residual_ratio=g.get("residual_ratio"),
           coverage_1std=g.get("coverage_1std"), coverage_2std=g.get("coverage_2std"),
           settings=g["settings"], source="experiments/gaussian_em/results.json")
+    warm = _warm_start_row(task)
+    if warm is not None:
+      rows["flowdiff_warm_start"] = warm
     tasks[task] = rows
   out = {"tasks": tasks}
   if classical:
