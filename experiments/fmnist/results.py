@@ -125,12 +125,24 @@ def build(root: str) -> dict:
     if warm is not None:
       rows["flowdiff_warm_start"] = warm
     tasks[task] = rows
+  for rows in tasks.values():
+    for method, r in rows.items():
+      if method not in ("clean", "naive") and "naive" in rows and "clean" in rows \
+          and r["fd_fmnist"] is not None:
+        r["gap_closed"] = round(gap_closed(rows["naive"]["fd_fmnist"], r["fd_fmnist"],
+                                           rows["clean"]["fd_fmnist"]), 4)
   out = {"tasks": tasks}
   if classical:
     out["classical"] = {t: {k: round(v["psnr"]["mean"], 3) for k, v in r.items()}
                         for t, r in classical["results"].items()}
     out["classical_settings"] = {k: v for k, v in classical.items() if k != "results"}
   return out
+
+
+def gap_closed(fd_naive: float, fd_method: float, fd_clean: float) -> float:
+  """(FD_naive − FD_method) / (FD_naive − FD_clean): 0 as good as naive, 1 as good as clean."""
+  denominator = fd_naive - fd_clean
+  return (fd_naive - fd_method) / denominator if denominator > 0 else float("nan")
 
 
 def _fmt(v, digits=2) -> str:
@@ -145,16 +157,23 @@ def markdown(results: dict) -> str:
            "observations (dB). Coverage: fraction of pixels with |E[x|y] − x| within 1 / 2 "
            "posterior stds.", ""]
   for task, rows in results["tasks"].items():
-    lines += [f"### {task}", "", "| method | FD-FMNIST ↓ | posterior-mean PSNR ↑ | residual ratio "
-              "| coverage 1σ / 2σ | wall (s) | source |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"### {task}", "", "| method | FD-FMNIST ↓ | gap closed | posterior-mean PSNR ↑ "
+              "| residual ratio | coverage 1σ / 2σ | wall (s) | source |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    fd = {m: r["fd_fmnist"] for m, r in rows.items()}
     for method, r in rows.items():
       cov = (f"{_fmt(r.get('coverage_1std'), 3)} / {_fmt(r.get('coverage_2std'), 3)}"
              if r.get("coverage_1std") is not None else "")
-      lines.append(f"| {method} | {_fmt(r['fd_fmnist'])} | {_fmt(r['psnr_posterior_mean'])} | "
+      gap = ""
+      if method not in ("clean", "naive") and None not in (fd.get("naive"), fd.get("clean"),
+                                                           fd[method]):
+        gap = f"{gap_closed(fd['naive'], fd[method], fd['clean']):.0%}"
+      lines.append(f"| {method} | {_fmt(r['fd_fmnist'])} | {gap} | "
+                   f"{_fmt(r['psnr_posterior_mean'])} | "
                    f"{_fmt(r.get('residual_ratio'), 3)} | {cov} | {_fmt(r['wall_s'], 1)} | "
                    f"{r['source']} |")
     for name, psnr in (results.get("classical") or {}).get(task, {}).items():
-      lines.append(f"| *classical:* {name} |  | {_fmt(psnr)} |  |  |  | classical.json |")
+      lines.append(f"| *classical:* {name} |  |  | {_fmt(psnr)} |  |  |  | classical.json |")
     lines.append("")
   return "\n".join(lines)
 
