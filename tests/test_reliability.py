@@ -270,13 +270,13 @@ def test_damaged_checkpoints_are_skipped_and_kept(references, tmp_path):
 
 def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
   """Every checkpoint damaged: restore_latest lists them and moves none (in-process)."""
-  from flowdiff_jax import checkpoint, data, step as step_lib
+  from flowdiff_jax import checkpoint, data, runs, step as step_lib
 
   work = tmp_path / "run"
   shutil.copytree(references.workdir("clean"), work, ignore=shutil.ignore_patterns("events.*"))
   for step in _steps(work):
     _truncate_all(os.path.join(work, "checkpoints", str(step), "state", "ocdbt.process_0", "d"))
-  config = checkpoint.load_prior_config(str(work))
+  config = runs.load_config(str(work))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
@@ -312,9 +312,9 @@ def test_another_runs_workdir_is_refused(references, tmp_path):
 
   # Even when allowed, a checkpoint whose arrays are not the state's is refused,
   # never taken for a damaged one and moved (checked here without a training run).
-  from flowdiff_jax import checkpoint, step as step_lib
+  from flowdiff_jax import checkpoint, runs, step as step_lib
 
-  config = checkpoint.load_prior_config(reference)  # the stored config, as resumed
+  config = runs.load_config(reference)  # the stored config, as resumed
   config.model.base_channels = 16
   batch = {"x": jax.ShapeDtypeStruct((8, 28, 28, 1), np.float32)}
   state = jax.eval_shape(lambda: step_lib.create_train_state(config, jax.random.key(0), batch))

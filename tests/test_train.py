@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flowdiff_jax import data, parallel, step as step_lib, train
+from flowdiff_jax import data, parallel, runs, step as step_lib, train
 from flowdiff_jax.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,25 +123,21 @@ def test_flowdiff_runs_end_to_end(tmp_path, mock_fashion_mnist):
 
 
 def _assert_load_run_restores(workdir, config, state):
-  """checkpoint.load_run, used by the tools that take a trained run, gives back the final state."""
-  from flowdiff_jax import checkpoint
-
-  loaded_config, loaded = checkpoint.load_run(str(workdir))
+  """runs.load_run, used by the tools that take a trained run, gives back the final state."""
+  loaded_config, loaded = runs.load_run(str(workdir))
   assert loaded_config.method == config.method
   assert loaded_config.to_dict() == config.to_dict()
   assert int(loaded.step) == int(state.step)
   for a, b in zip(_leaves(loaded), _leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(FileNotFoundError, match="at step 3"):
-    checkpoint.load_run(str(workdir), step=3)
+    runs.load_run(str(workdir), step=3)
 
 
 @pytest.mark.slow
 def test_amortized_keeps_a_diffusion_prior_from_a_clean_run_frozen(tmp_path, mock_fashion_mnist):
-  from flowdiff_jax import checkpoint
-
   train.train_and_evaluate(_tiny("clean", steps=2), str(tmp_path / "prior"))
-  _, prior = checkpoint.load_prior(str(tmp_path / "prior"))
+  _, prior = runs.load_prior(str(tmp_path / "prior"))
   config = _tiny("amortized", steps=2)
   config.amortized.prior = "diffusion"
   config.amortized.prior_workdir = str(tmp_path / "prior")
