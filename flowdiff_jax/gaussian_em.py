@@ -77,7 +77,8 @@ Public API: `fit`, `GaussianFit`, `posterior_mean`, `posterior_sample`,
 `sample`, `log_likelihood`, `posterior_moments` (dense, small D),
 `operator_matrix`, the closed-form reference `denoise_mle`, and the jittable
 restorer of the flow methods' warm start (`restorer`, `restore`,
-`restorer_shapes`).
+`restorer_shapes`), and the fit as arrays for the EM method's warm start
+(`prior_params`, `prior_from_params`, `prior_shapes`).
 """
 
 from __future__ import annotations
@@ -749,6 +750,25 @@ def posterior_sample(fit_: GaussianFit, op: operators.Operator, y: jax.Array,
   y0 = op.measure(k_noise, x0, omega)
   return (x0 + posterior_mean(fit_, op, y, omega, batch_size=batch_size)
           - posterior_mean(fit_, op, y0, omega, batch_size=batch_size))
+
+
+def prior_params(fit_: GaussianFit) -> Params:
+  """The fit as arrays (to keep in a TrainState): {"mu", "cov"} or {"mu", "factor", "diag"}."""
+  return _params(fit_)
+
+
+def prior_from_params(params: Params, image_shape) -> GaussianFit:
+  """The GaussianFit of `prior_params` (images of `image_shape`); no log-likelihood."""
+  return _to_fit(params, tuple(image_shape))
+
+
+def prior_shapes(image_shape, rank: int | None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of `prior_params` of a dense (rank None) or rank-r fit, without fitting."""
+  d = math.prod(image_shape)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  if rank is None:
+    return {"mu": f32(d), "cov": f32(d, d)}
+  return {"mu": f32(d), "factor": f32(d, rank), "diag": f32(d)}
 
 
 # --------------------------------------------------------------------------

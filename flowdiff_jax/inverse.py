@@ -1,6 +1,6 @@
 r"""Downstream inverse problems with a learned diffusion prior: the evaluation harness and CLI.
 
-The solvers (DPS, ΠGDM) are in `flowdiff_jax.solvers` (docs/design.md §2.7).
+The solvers (DPS, ΠGDM, MMPS) are in `flowdiff_jax.solvers` (docs/design.md §2.7).
 This module restores a trained run's diffusion prior (`runs.load_run`,
 `Method.diffusion_prior_params`), corrupts held-out test images with a task's
 operator (`TASKS`: fixed per-index corruption, so every prior and solver sees
@@ -10,7 +10,7 @@ the run's own amortized posterior), and scores PSNR / SSIM per image.
 CLI (restores a trained prior, corrupts held-out test images, solves, scores):
 
     python -m flowdiff_jax.inverse --workdir=RUN --task=inpaint|denoise|deblur \
-        [--num_images=64] [--solvers=dps,pigdm] [--output_dir=RUN/inverse/TASK]
+        [--num_images=64] [--solvers=dps,pigdm,mmps] [--output_dir=RUN/inverse/TASK]
 
 writes metrics.json, metrics.md and grid.png (rows: observation | one column per
 solver | clean). `--collect=DIR` gathers every metrics.json under DIR into
@@ -108,7 +108,7 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
       operators.corrupt(op, ·, index[i], corruption_seed) and solved with
       solvers.example_keys(seed, index)[i], whatever the batching.
     op: the task's operator.
-    solvers: DPS / PiGDM instances.
+    solvers: DPS / PiGDM / MMPS instances.
     batch_size: images per solve (N must divide by it).
     flow: add the run's amortized flow (flow methods, when `op` is the
       operator it was trained on): one flow sample per image, and the mean of
@@ -250,8 +250,9 @@ def collect_table(directory: str) -> str:
 def run(workdir: str, task: str, *, output_dir: str | None = None, num_images: int = 64,
         first_image: int = 0, batch_size: int = 32, solvers: tuple[str, ...] = ("dps", "pigdm"),
         dps_zeta: float | None = None, dps_steps: int = 1000, pigdm_steps: int = 100,
-        pigdm_data_var: float = 1.0, eta: float = 1.0, seed: int = 0,
-        corruption_seed: int = CORRUPTION_SEED, step: int | None = None, flow_samples: int = 16,
+        pigdm_data_var: float = 1.0, mmps_steps: int = 64, mmps_cg_iters: int = 1,
+        eta: float = 1.0, seed: int = 0, corruption_seed: int = CORRUPTION_SEED,
+        step: int | None = None, flow_samples: int = 16,
         num_shown: int = 8, label: str = "", command: str = "",
         log=print) -> dict[str, Any]:
   """The CLI: restores `workdir`'s prior, solves `task` on held-out test images, writes the report.
@@ -267,7 +268,9 @@ def run(workdir: str, task: str, *, output_dir: str | None = None, num_images: i
   zeta = TASKS[task]["dps_zeta"] if dps_zeta is None else dps_zeta
   make = {"dps": lambda: solvers_lib.DPS(zeta=zeta, num_steps=dps_steps, eta=eta),
           "pigdm": lambda: solvers_lib.PiGDM(num_steps=pigdm_steps, eta=eta,
-                                             data_var=pigdm_data_var)}
+                                             data_var=pigdm_data_var),
+          "mmps": lambda: solvers_lib.MMPS(num_steps=mmps_steps, eta=eta,
+                                           cg_iters=mmps_cg_iters)}
   unknown = [s for s in solvers if s not in make]
   if unknown:
     raise ValueError(f"--solvers: unknown {unknown}; allowed: {', '.join(make)}")
@@ -330,7 +333,8 @@ def main(argv) -> None:
   run(f.workdir, f.task, output_dir=f.output_dir, num_images=f.num_images,
       first_image=f.first_image, batch_size=f.batch_size, solvers=tuple(f.solvers),
       dps_zeta=f.dps_zeta, dps_steps=f.dps_steps, pigdm_steps=f.pigdm_steps,
-      pigdm_data_var=f.pigdm_data_var, eta=f.eta, seed=f.seed,
+      pigdm_data_var=f.pigdm_data_var, mmps_steps=f.mmps_steps,
+      mmps_cg_iters=f.mmps_cg_iters, eta=f.eta, seed=f.seed,
       corruption_seed=f.corruption_seed, step=f.step, flow_samples=f.flow_samples,
       num_shown=f.num_shown, label=f.label,
       command="python -m flowdiff_jax.inverse " + " ".join(sys.argv[1:]))
@@ -339,7 +343,8 @@ def main(argv) -> None:
 def _define_flags() -> None:
   """Defines the command-line flags; only when run as a program (`cli`), so importing this
   module next to the other tools (which also have --workdir) does not clash."""
-  flags.DEFINE_string("workdir", None, "Workdir of the trained run (clean, naive or flowdiff).")
+  flags.DEFINE_string("workdir", None, "Workdir of the trained run (a method with a diffusion "
+                      "prior: clean, naive, flowdiff, em).")
   flags.DEFINE_enum("task", None, list(TASKS), "Inverse problem; its operator is in TASKS.")
   flags.DEFINE_string("output_dir", None, "Where the report goes; default WORKDIR/inverse/TASK. "
                       "With --collect: where table.md goes (optional).")
@@ -347,12 +352,14 @@ def _define_flags() -> None:
   flags.DEFINE_integer("first_image", 0, "Index of the first test image (e.g. 1000 to tune on "
                        "images the table does not use).")
   flags.DEFINE_integer("batch_size", 32, "Images solved together (num_images must divide by it).")
-  flags.DEFINE_list("solvers", ["dps", "pigdm"], "Solvers to run: dps, pigdm.")
+  flags.DEFINE_list("solvers", ["dps", "pigdm"], "Solvers to run: dps, pigdm, mmps.")
   flags.DEFINE_float("dps_zeta", None, "DPS step size ζ; default: the task's (TASKS).")
   flags.DEFINE_integer("dps_steps", 1000, "DPS steps (+1 final step).")
   flags.DEFINE_integer("pigdm_steps", 100, "ΠGDM steps (+1 final step).")
   flags.DEFINE_float("pigdm_data_var", 1.0, "ΠGDM's prior variance v in r_t² (paper: 1).")
-  flags.DEFINE_float("eta", 1.0, "DDIM η of both solvers: 1 ancestral, 0 deterministic.")
+  flags.DEFINE_integer("mmps_steps", 64, "MMPS steps (+1 final step).")
+  flags.DEFINE_integer("mmps_cg_iters", 1, "MMPS conjugate-gradient iterations per step.")
+  flags.DEFINE_float("eta", 1.0, "DDIM η of the solvers: 1 ancestral, 0 deterministic.")
   flags.DEFINE_integer("seed", 0, "Solver seed (image i uses fold_in(key(seed), index i)).")
   flags.DEFINE_integer("corruption_seed", CORRUPTION_SEED, "Seed of the test corruption.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")

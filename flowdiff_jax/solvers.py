@@ -48,6 +48,23 @@ the solver samples the exact posterior up to time discretisation
 (tests/test_inverse.py checks the closed-form mean and covariance); for other
 priors it is ΠGDM's approximation.
 
+**MMPS** (moment-matching posterior sampling; Rozet, Andry, Lanusse, Louppe,
+NeurIPS 2024; linear operators, matrix-free): ΠGDM's isotropic r_t² I is
+replaced by the covariance of x₀ | x_t that the network itself implies,
+Tweedie's second moment
+
+    V_t = Cov[x₀ | x_t] = (σ_t² / α_t) ∂x̂₀/∂x_t,
+
+so p(y | x_t) ≈ N(A x̂₀, σ_y² I + A V_t Aᵀ). The system (σ_y² I + A V_t Aᵀ) u =
+y − A x̂₀ is solved per example by `cg_iters` conjugate-gradient iterations,
+each one vector-Jacobian product of the denoiser (∂x̂₀/∂x_t is symmetric for
+an exact score, so the VJP stands for the JVP, as in the paper), and the
+guided estimate is x̂₀_y = x̂₀ + V_t Aᵀ u: one more VJP. For a Gaussian prior
+V_t is exact and so is p(y | x_t); with enough CG iterations (the measurement
+dimension, at most) the solver then samples the exact posterior up to time
+discretisation, for every linear operator (tests/test_inverse.py). A step
+costs 2 + cg_iters network passes (one forward, 1 + cg_iters backward).
+
 Randomness is per example: example i's x_1 and every step's z derive from its
 own key (`example_keys(seed, index)`), so its solution does not depend on the
 batch it is solved in. `solve` is pure and jittable (one `lax.scan`);
@@ -99,8 +116,19 @@ class PiGDM:
   name: ClassVar[str] = "pigdm"
 
 
-Solver = DPS | PiGDM
-SOLVERS = {cls.name: cls for cls in (DPS, PiGDM)}
+@dataclasses.dataclass(frozen=True)
+class MMPS:
+  """Moment-matching posterior sampling for linear operators (see the module docstring)."""
+
+  num_steps: int = 64  # steps on the grid (+1 final step)
+  eta: float = 1.0  # 1: DDPM ancestral steps, 0: DDIM
+  cg_iters: int = 3  # conjugate-gradient iterations per step (each one VJP of the network)
+  clip: bool = True  # clip the guided x̂₀ in the steps and the result to [-1, 1]
+  name: ClassVar[str] = "mmps"
+
+
+Solver = DPS | PiGDM | MMPS
+SOLVERS = {cls.name: cls for cls in (DPS, PiGDM, MMPS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +234,57 @@ def _pigdm_step(solver: PiGDM, eps_fn: EpsFn, schedule: diffusion.VPSchedule,
                                noise=noise)
 
 
-_STEPS = {"dps": _dps_step, "pigdm": _pigdm_step}
+def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array,
+                       num_iters: int) -> jax.Array:
+  """u ≈ M⁻¹ b by `num_iters` CG iterations from u = 0, per example (leading axis of b).
+
+  matvec: v [B, ...] -> M v, M symmetric positive definite and block-diagonal
+  over the examples; each example gets its own step sizes, so one example's
+  solve does not depend on the others in its batch. Exact (in exact
+  arithmetic) after as many iterations as an example has dimensions; a
+  converged example (zero residual) stays where it is.
+  """
+  axes = tuple(range(1, b.ndim))
+  dot = lambda u, v: jnp.sum(u * v, axis=axes, keepdims=True)
+  safe = lambda num, den: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+  def body(_, carry):
+    u, r, p, rr = carry
+    mp = matvec(p)
+    step = safe(rr, dot(p, mp))
+    u, r = u + step * p, r - step * mp
+    rr_new = dot(r, r)
+    return u, r, r + safe(rr_new, rr) * p, rr_new
+
+  init = (jnp.zeros_like(b), b, b, dot(b, b))
+  return jax.lax.fori_loop(0, num_iters, body, init)[0]
+
+
+def mmps_guidance(solver: MMPS, eps_fn: EpsFn, schedule: diffusion.VPSchedule,
+                  op: operators.Operator, y: jax.Array, omega: operators.Omega, x: jax.Array,
+                  t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x̂₀, guided x̂₀_y = x̂₀ + V_t Aᵀ u) at x_t = x [B, H, W, C], scalar t (no clipping)."""
+  alpha, sigma = schedule.alpha_sigma(t)
+  x0, vjp_fn = jax.vjp(lambda x: sampling.denoise(eps_fn, schedule, x, t)[0], x)
+  cov = lambda v: (sigma**2 / alpha) * vjp_fn(v)[0]  # V_t v, V_t = Cov[x₀ | x_t]
+  sy2 = op.sigma_y**2
+  u = conjugate_gradient(lambda v: sy2 * v + op.apply(cov(op.adjoint(v, omega)), omega),
+                         y - op.apply(x0, omega), solver.cg_iters)
+  return x0, x0 + cov(op.adjoint(u, omega))
+
+
+def _mmps_step(solver: MMPS, eps_fn: EpsFn, schedule: diffusion.VPSchedule,
+               op: operators.Operator, y: jax.Array, omega: operators.Omega, x: jax.Array,
+               t: jax.Array, s: jax.Array, noise: jax.Array) -> jax.Array:
+  _, x0_y = mmps_guidance(solver, eps_fn, schedule, op, y, omega, x, t)
+  return sampling.reverse_step(schedule, x, x0_y, t, s, eta=solver.eta, clip=solver.clip,
+                               noise=noise)
+
+
+# Solver steps unrolled per loop iteration (see `_run_steps`).
+_UNROLL = 8
+
+_STEPS = {"dps": _dps_step, "pigdm": _pigdm_step, "mmps": _mmps_step}
 
 
 # --------------------------------------------------------------------------
@@ -239,7 +317,10 @@ def _run_steps(solver: Solver, eps_fn: EpsFn, schedule: diffusion.VPSchedule,
     # Padding steps (the last chunk of solve_chunked) skip the network entirely.
     return jax.lax.cond(ok, lambda x: step(x, t, s, noise), lambda x: x, x), None
 
-  x, _ = jax.lax.scan(body, x, (index, t, s, valid))
+  # Partly unrolled: XLA:CPU runs a rolled loop's body 1.7x slower than the
+  # same steps unrolled (MMPS, 8 steps of 64 Fashion-MNIST images: 13.7 s
+  # rolled, 7.9 s unrolled by 8; compile 19 s and 25 s).
+  x, _ = jax.lax.scan(body, x, (index, t, s, valid), unroll=min(_UNROLL, max(1, t.shape[0])))
   return x
 
 
@@ -249,7 +330,7 @@ def solve(solver: Solver, eps_fn: EpsFn, schedule: diffusion.VPSchedule,
   """Posterior samples x [B, H, W, C] for measurements y [B, H, W, C]; pure, jittable.
 
   Args:
-    solver: a DPS or PiGDM (static).
+    solver: a DPS, PiGDM or MMPS (static).
     eps_fn: (x_t [B, H, W, C], t [B]) -> ε̂. To jit, close over traced params,
       e.g. ``jax.jit(lambda p, y, w, k: solve(solver, lambda x, t: net.apply(p, x,
       t), schedule, op, y, w, k))``.

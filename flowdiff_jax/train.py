@@ -10,6 +10,8 @@ Outputs under the workdir:
   posterior/step_<step>.png   rows of [observation | flow samples | mean | std |
     clean] for held-out images (methods amortized, flowdiff)
   events.out.tfevents.*   TensorBoard scalars and images (clu metric writers)
+  em/lap_<k>/chunk_<c>.npy   the EM method's posterior samples of each lap
+    (`flowdiff_jax.methods.em`)
   corrupt_checkpoints/<step>/   checkpoints that did not read back, set aside
     when resuming (see checkpoint.restore_latest)
 
@@ -388,6 +390,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   else:
     writer.write_hparams(dict(_flatten(config.to_dict())))
   initial_step = int(jax.device_get(state.step))
+  # The EM method's posterior samples; None: batches of the training set.
+  source = method.batch_source(config, run_data, mesh, workdir)
+
+  def train_batch(step: int) -> step_lib.Batch:
+    """The batch of the update step -> step + 1."""
+    return prepare_train(next(train_iter)) if source is None else source.batch(step)
 
   step_fn = step_lib.make_train_step(config, mesh)
   # Replicated once here, not copied to every device by each step call. (A
@@ -436,6 +444,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
                jax.device_count())
   step, dispatch = initial_step, initial_step
   while step < tr.num_train_steps:
+    if source is not None and source.needs_e_step(step):
+      # The E-step of a new lap. Its prior must be restorable, so that a run
+      # stopped during it redraws the missing samples with the same network.
+      if manager.latest_step() != step:
+        checkpoint.save(manager, state, train_iter, config)
+        manager.wait_until_finished()
+
+      def e_step_should_stop():
+        nonlocal dispatch
+        dispatch += 1
+        return stop.should_stop(dispatch, manager)
+
+      with report.timed("e_step"):
+        e_metrics = source.e_step(state, step, e_step_should_stop)
+      if e_metrics is None:
+        finish()
+        how = (f"by {signal.Signals(stop.signum).name}" if stop.signum is not None
+               else "at the preemption sync point (SIGTERM to one of the processes)")
+        raise Preempted(
+            f"Stopped {how} during the E-step at step {step} of {tr.num_train_steps}; the "
+            f"samples drawn so far are in {source.directory} and checkpoint step {step} is "
+            f"in {manager.directory}. Run the same command again to resume.",
+            stop.signum or signal.SIGTERM)
+      writer.write_scalars(step, e_metrics)
     # K steps per dispatch from a multiple of K, so that every interval (a
     # multiple of K, see validate) ends on a dispatch boundary. A run resumed
     # from a step that is not one (saved at a preemption under another K)
@@ -445,9 +477,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
     dispatch += 1
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if k == 1:
-        state, metrics = step_fn(state, prepare_train(next(train_iter)), train_rng)
+        state, metrics = step_fn(state, train_batch(step - 1), train_rng)
       else:
-        batches = stack([prepare_train(next(train_iter)) for _ in range(k)])
+        batches = stack([train_batch(s) for s in range(step - k, step)])
         state, metrics = steps_fn(state, batches, train_rng)
     history.append(metrics)
     report(step)

@@ -182,6 +182,35 @@ def get_config() -> ml_collections.ConfigDict:
   # Examples per vmapped E-step chunk (per-example operators).
   gem.batch_size = 256
 
+  # --- EM with a posterior-sampling E-step (method "em", the peers) -----------
+  config.em = em = ml_collections.ConfigDict()
+  # The E-step's posterior sampler: "mmps" (Rozet et al. 2024: the Tweedie
+  # covariance by vector-Jacobian products and conjugate gradients) or "dps"
+  # (the E-step of EMDiffusion, Bai et al. 2024).
+  em.e_step = "mmps"
+  # M-step: score-network updates (DSM on the lap's samples) per lap.
+  em.steps_per_lap = 1000
+  # Training observations sampled in each E-step: the first N (0: all of them).
+  em.num_observations = 0
+  # Observations solved together in one sharded E-step chunk (a multiple of the device count).
+  em.batch_size = 64
+  # Lap 0's samples: "gaussian_em" (exact posterior samples of N(μ, Σ) fitted
+  # by EM to the observations, section `gaussian_em`), "pinv" (A⁺y), or
+  # "prior" (the sampler under the freshly initialised network).
+  em.warm_start = "gaussian_em"
+  # The prior of the E-step: "ema" (the EMA score params) or "params" (the current ones).
+  em.sample_with = "ema"
+  # Sampler steps (+1 final step) per posterior sample.
+  em.num_steps = 64
+  # DDIM η of the sampler: 1 ancestral (DDPM), 0 deterministic.
+  em.eta = 1.0
+  # MMPS: conjugate-gradient iterations per step (each a VJP of the network).
+  em.cg_iters = 1
+  # DPS: the step size ζ of x_s = x'_s − ζ ∇‖y − A x̂₀‖ (inverse.TASKS has tuned values).
+  em.dps_zeta = 1.0
+  # Clip x̂₀ and the samples to [-1, 1].
+  em.clip = True
+
   # --- Optimiser of the flow (same fields as `optim`) ---------------------------
   config.flow_optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4,  # peak, after the warm-up

@@ -8,10 +8,11 @@ method, write a module with a `base.Method` subclass and add its instance to
 
 from __future__ import annotations
 
-from flowdiff_jax.methods import amortized, dsm, flowdiff
+from flowdiff_jax.methods import amortized, dsm, em, flowdiff
 from flowdiff_jax.methods.base import Method, Objective
 
-_ALL: tuple[Method, ...] = (dsm.CLEAN, dsm.NAIVE, amortized.AMORTIZED, flowdiff.FLOWDIFF)
+_ALL: tuple[Method, ...] = (dsm.CLEAN, dsm.NAIVE, amortized.AMORTIZED, flowdiff.FLOWDIFF,
+                            em.EM_METHOD)
 REGISTRY: dict[str, Method] = {m.name: m for m in _ALL}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 

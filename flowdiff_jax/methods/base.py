@@ -174,6 +174,19 @@ class Method:
     """One transform per top-level key of the params (optax.multi_transform)."""
     raise NotImplementedError
 
+  def batch_source(self, config: ml_collections.ConfigDict, run_data, mesh: jax.sharding.Mesh,
+                   workdir: str) -> Any:
+    """Where the training steps' batches come from: None, the training set (`data.RunData`).
+
+    Otherwise an object the training program asks, before each dispatch,
+    `needs_e_step(step)` (then runs `e_step(state, step, should_stop)`, which
+    returns its metrics, or None when stopped part-way), and whose
+    `batch(step)` is the batch of the update step -> step + 1: e.g. the EM
+    method's posterior samples (`flowdiff_jax.methods.em.Laps`).
+    """
+    del config, run_data, mesh, workdir
+    return None
+
   # -- the step --------------------------------------------------------------
 
   def loss_fn(self, obj: Objective, batch: Batch, step: jax.Array, rng: jax.Array,
