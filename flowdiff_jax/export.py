@@ -4,11 +4,13 @@ r"""Writes the restoration of every measurement of a trained run to files.
       [--output_dir=workdirs/byom/restored] [--num_samples=16] [--save_samples=0] \
       [--data_path=other_measurements/ [--mask_dir=...]] [--reference_path=...]
 
-For a `flowdiff` or `amortized` run (a posterior sampler q(x | y)): draws
-`num_samples` posterior samples for each measurement of the run's data set
-(or of `--data_path`, read with the run's operator, σ_y and value rule) and
-writes, in the measurements' own units and order (the value rule of
-`flowdiff_jax.measurements`, inverted):
+For a `flowdiff` or `amortized` run (a posterior sampler q(x | y)), or with
+`--sampler=mmps|dps|pigdm` for any run with a diffusion prior (that solver
+under the prior; `--operator=name=...,sigma_y=...` for measurements of another
+operator or noise level): draws `num_samples` posterior samples for each
+measurement of the run's data set (or of `--data_path`, read with the run's
+operator, σ_y and value rule) and writes, in the measurements' own units and
+order (the value rule of `flowdiff_jax.measurements`, inverted):
 
 * a folder of images `<name>.<ext>` as input: per image `<name>_mean.<ext>`
   (the posterior mean), `<name>_std.<ext>` (the per-pixel posterior std,
@@ -32,6 +34,7 @@ Runs in one process over its local devices (a ragged last batch is padded).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -52,8 +55,12 @@ from flowdiff_jax import (
   reporting,
   runs,
   sampling,
+  solvers as solvers_lib,
   step as step_lib,
 )
+
+# --sampler values besides the solvers' names: the run's own amortized flow.
+FLOW = "flow"
 
 
 def _output_suffix(dtype: np.dtype, channels: int) -> str:
@@ -76,27 +83,49 @@ def write_image(path: str, image: np.ndarray) -> None:
 
 
 def _restore_fn(state: step_lib.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
-                save_samples: int):
-  """Jitted (state, batch, rng) -> (samples [B, K, ...], mean, std, ratio [B], ratio_mean [B])."""
-  op = state.objective.operator
+                save_samples: int, solver: solvers_lib.Solver | None = None,
+                op: operators.Operator | None = None, seed: int = 0):
+  """Jitted (state, batch, rng, index [B]) -> (samples [B, K, ...], mean, std, ratio [B],
+  ratio_mean [B]).
 
-  def restore(state, batch, rng):
-    samples = step_lib.posterior_samples(state, batch, rng, num_samples)  # [S, B, H, W, C]
+  solver None: samples of the run's flow (`rng` draws them); else `num_samples`
+  solves of `solver` under the run's diffusion prior with operator `op`, sample
+  s of measurement i from fold_in(example_keys(seed, index)[i], s), whatever
+  the batching.
+  """
+  op = op or state.objective.operator
+
+  def draw(state, batch, rng, index):
+    if solver is None:
+      return step_lib.posterior_samples(state, batch, rng, num_samples)  # [S, B, H, W, C]
+    obj = state.objective
+    params = methods.get(obj.method).diffusion_prior_params(state)
+    eps_fn = lambda x_t, t: obj.score_net.apply({"params": params}, x_t, t, train=False)
+    keys = solvers_lib.example_keys(seed, index)
+    # A loop over the samples, not a batch S times larger: memory stays that of one solve.
+    return jax.lax.map(lambda s: solvers_lib.solve(
+        solver, eps_fn, obj.schedule, op, batch["y"], batch["omega"],
+        jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)), jnp.arange(num_samples))
+
+  def restore(state, batch, rng, index):
+    samples = draw(state, batch, rng, index)
     mean, std = sampling.posterior_summary(samples)
     ratio = jnp.mean(operators.residual_ratio(op, batch["y"], batch["omega"], samples), axis=0)
     ratio_mean = operators.residual_ratio(op, batch["y"], batch["omega"], mean)
     kept = jnp.moveaxis(samples[:save_samples], 0, 1)
     return kept, mean, std, ratio, ratio_mean
 
-  return jax.jit(restore, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
-                                        parallel.replicated(mesh)))
+  rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(restore, in_shardings=(rep, data_sharding, rep, data_sharding))
 
 
 def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16,
            save_samples: int = 0, batch_size: int = 0, data_path: str | None = None,
            mask_dir: str | None = None, reference_path: str | None = None,
-           seed: int = 0) -> dict[str, Any]:
-  """Restores every measurement with the run's posterior sampler and writes the files above.
+           seed: int = 0, sampler: str = FLOW, solver_steps: int = 64, cg_iters: int = 1,
+           dps_zeta: float = 1.0, eta: float = 1.0,
+           operator: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Restores every measurement with a posterior sampler and writes the files above.
 
   Args:
     workdir: the trained run (its newest checkpoint is used).
@@ -107,6 +136,13 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
     data_path, mask_dir, reference_path: other measurements than the run's
       (kind from the suffix: .npz or a folder), their masks, a clean reference.
     seed: seed of the posterior samples.
+    sampler: "flow", the run's amortized posterior (flowdiff, amortized), or a
+      solver of `flowdiff_jax.solvers` ("mmps", "dps", "pigdm") under the
+      run's diffusion prior (clean, naive, flowdiff, em), with solver_steps
+      steps, cg_iters (MMPS), dps_zeta (DPS) and DDIM eta.
+    operator: fields of config.operator to replace (e.g. {"name": "blur",
+      "sigma_y": 0.05}): measurements of another operator or noise level than
+      the run's. Solvers only: the flow is conditioned on its own operator.
 
   Returns:
     The summary written to export.json.
@@ -116,10 +152,37 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
                      "num_samples >= 1 and 0 <= save_samples <= num_samples.")
   mesh = parallel.make_mesh(jax.local_devices())
   config, state = runs.load_run(workdir, sharding=parallel.replicated(mesh))
-  if not methods.get(config.method).has_posterior:
+  method = methods.get(config.method)
+  if sampler == FLOW and not method.has_posterior:
     raise ValueError(f"The run in {workdir} has method {config.method!r}, which learns a prior "
-                     f"only; export needs a posterior sampler: a run with method "
-                     f"{' or '.join(methods.with_posterior())}.")
+                     f"only; --sampler=flow needs a run with method "
+                     f"{' or '.join(methods.with_posterior())}. For its prior, pick a solver: "
+                     f"--sampler={'|'.join(solvers_lib.SOLVERS)}.")
+  if sampler != FLOW:
+    if sampler not in solvers_lib.SOLVERS:
+      raise ValueError(f"--sampler={sampler!r}: allowed: {FLOW}, "
+                       f"{', '.join(solvers_lib.SOLVERS)}")
+    if not method.has_prior:
+      raise ValueError(f"The run in {workdir} (method {config.method!r}) has no diffusion "
+                       f"prior for --sampler={sampler}; runs of {', '.join(methods.with_prior())} "
+                       "do.")
+  if operator:
+    if sampler == FLOW:
+      raise ValueError("--operator: the flow restores the operator it was trained on "
+                       f"({config.operator.name}); another operator needs a solver "
+                       f"(--sampler={'|'.join(solvers_lib.SOLVERS)}).")
+    unknown = sorted(set(operator) - set(config.operator))
+    if unknown:
+      raise ValueError(f"--operator: unknown fields {unknown}; allowed: "
+                       f"{', '.join(config.operator)}")
+    config.operator.update(operator)
+  op = operators.make_operator(config.operator)
+  solver = None
+  if sampler != FLOW:
+    solver = {"dps": lambda: solvers_lib.DPS(zeta=dps_zeta, num_steps=solver_steps, eta=eta),
+              "pigdm": lambda: solvers_lib.PiGDM(num_steps=solver_steps, eta=eta),
+              "mmps": lambda: solvers_lib.MMPS(num_steps=solver_steps, eta=eta,
+                                               cg_iters=cg_iters)}[sampler]()
   trained_shape = data.image_shape(config)
   if data_path:
     config.data.dataset = "npz" if data_path.lower().endswith(".npz") else "folder"
@@ -139,7 +202,7 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   devices = mesh.size
   batch_size = batch_size or config.eval.batch_size
   batch_size = max(devices, min(batch_size, len(m)) // devices * devices)
-  restore = _restore_fn(state, mesh, num_samples, save_samples)
+  restore = _restore_fn(state, mesh, num_samples, save_samples, solver, op, seed)
   root = jax.random.key(seed)
   outputs = []
   bar = reporting.ProgressBar("Posterior samples of the measurements", len(m), unit="images")
@@ -147,8 +210,8 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
     idx = np.arange(start, start + batch_size)
     idx = np.minimum(idx, len(m) - 1)  # pad the last batch with its last measurement
     batch = {"y": m.y[idx], "omega": {} if m.mask is None else {"mask": m.mask[idx]}}
-    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-    out = jax.device_get(restore(state, batch, jax.random.fold_in(root, k)))
+    batch, index = jax.device_put((batch, idx.astype(np.int32)), parallel.batch_sharding(mesh))
+    out = jax.device_get(restore(state, batch, jax.random.fold_in(root, k), index))
     keep = min(batch_size, len(m) - start)
     outputs.append([a[:keep] for a in out])
     bar(start + keep)
@@ -189,7 +252,9 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   summary = {
       "workdir": os.path.abspath(workdir), "step": int(jax.device_get(state.step)),
       "method": config.method, "data_path": m.path, "num_measurements": len(m),
-      "num_samples": num_samples, "operator": config.operator.name,
+      "num_samples": num_samples, "sampler": sampler,
+      "solver": None if solver is None else {"name": solver.name, **dataclasses.asdict(solver)},
+      "operator": config.operator.name,
       "sigma_y": float(config.operator.sigma_y), "value_range": [lo, hi],
       "residual_ratio": float(np.mean(ratio)),
       "residual_ratio_mean": float(np.mean(ratio_mean)),
@@ -219,7 +284,8 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
 
 # The flags that are keyword arguments of `export`, besides --workdir and --output_dir.
 _EXPORT_FLAGS = ("num_samples", "save_samples", "batch_size", "data_path", "mask_dir",
-                 "reference_path", "seed")
+                 "reference_path", "seed", "sampler", "solver_steps", "cg_iters", "dps_zeta",
+                 "eta")
 
 
 def _define_flags() -> None:
@@ -237,6 +303,35 @@ def _define_flags() -> None:
   flags.DEFINE_string("reference_path", None,
                       "Clean reference of the measurements, for PSNR only.")
   flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.")
+  define_sampler_flags()
+
+
+def define_sampler_flags() -> None:
+  """The posterior sampler and operator flags (shared with `inverse --data_path`)."""
+  flags.DEFINE_string("sampler", FLOW, "flow: the run's amortized posterior (flowdiff, "
+                      "amortized); mmps, dps or pigdm: that solver under the run's diffusion "
+                      "prior (any run with one, e.g. clean, naive, em).")
+  flags.DEFINE_integer("solver_steps", 64, "Solver steps (+1 final step).")
+  flags.DEFINE_integer("cg_iters", 1, "MMPS: conjugate-gradient iterations per step.")
+  flags.DEFINE_float("dps_zeta", 1.0, "DPS: step size ζ.")
+  flags.DEFINE_float("eta", 1.0, "DDIM η of the solver: 1 ancestral, 0 deterministic.")
+  flags.DEFINE_list("operator", [], "Solvers: config.operator fields to replace, as "
+                    "name=value pairs (e.g. name=blur,sigma_y=0.05): measurements of another "
+                    "operator or σ_y than the run's.")
+
+
+def operator_overrides(pairs: list[str]) -> dict[str, Any]:
+  """--operator's name=value pairs as config.operator fields (numbers parsed)."""
+  out = {}
+  for pair in pairs:
+    if "=" not in pair:
+      raise app.UsageError(f"--operator: {pair!r} is not name=value")
+    key, value = pair.split("=", 1)
+    try:
+      out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    except ValueError:
+      out[key] = value
+  return out
 
 
 def main(argv) -> None:
@@ -246,7 +341,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required: the workdir of a trained flowdiff run.")
-  summary = export(f.workdir, f.output_dir, **{name: f[name].value for name in _EXPORT_FLAGS})
+  summary = export(f.workdir, f.output_dir, operator=operator_overrides(f.operator),
+                   **{name: f[name].value for name in _EXPORT_FLAGS})
   print(f"residual_ratio={summary['residual_ratio']:.4f} "
         f"posterior_std={summary['posterior_std']:.4f} "
         f"wrote {summary['num_measurements']} restorations to "

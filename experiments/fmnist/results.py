@@ -15,6 +15,12 @@ being `config.method` names (a variant gets its own key). Sources:
 * flowdiff_warm_start: experiments/fmnist/warm_start/<task>_flowdiff_warm/
   metrics.json, the evaluation of run_warm.sh's runs copied from their
   workdirs (with wall_times.txt).
+* em_mmps / em_dps: experiments/fmnist/em/<task>_em_<e_step>/metrics.json
+  (the evaluation of run_em.sh's runs) and inverse.json (the E-step's
+  sampler restoring the first 64 test observations under the final prior),
+  copied from their workdirs, with em/wall_times.txt. The flowdiff_warm_start
+  row's one-sample PSNR and images/s on the same 64 images come from
+  warm_start/<task>_flowdiff_warm/inverse.json (its flow_sample row).
 * classical: experiments/fmnist/classical.json (classical.py).
 
 Standard library only.
@@ -111,6 +117,40 @@ def _warm_start_row(task: str) -> dict | None:
               source=f"experiments/fmnist/warm_start/{task}_flowdiff_warm/metrics.json")
 
 
+EM_RUNS = os.path.join(HERE, "em")
+INVERSE_TASK = {"denoise": "denoise", "inpaint": "inpaint", "blur": "deblur"}
+
+
+def _inverse_rows(path: str) -> dict | None:
+  """{row: {"psnr", "wall_s", "images_per_s"}} of an `inverse` metrics.json (64 test images)."""
+  m = _read_json(path)
+  if m is None:
+    return None
+  out = {}
+  for name, r in m["rows"].items():
+    wall = r.get("wall_s")
+    out[name] = dict(psnr=r["psnr"]["mean"], wall_s=wall,
+                     images_per_s=m["num_images"] / wall if wall else None)
+  return out
+
+
+def _em_row(task: str, e_step: str) -> dict | None:
+  """The `em` run of run_em.sh (metrics and inverse report copied to experiments/fmnist/em)."""
+  folder = os.path.join(EM_RUNS, f"{task}_em_{e_step}")
+  m = _read_json(os.path.join(folder, "metrics.json"))
+  if m is None:
+    return None
+  inverse = _inverse_rows(os.path.join(folder, "inverse.json")) or {}
+  sampler = inverse.get(e_step, {})
+  return dict(fd_fmnist=m["generation"]["rows"]["samples"]["fd_fmnist"],
+              psnr_posterior_mean=None, psnr_posterior_sample_64=sampler.get("psnr"),
+              posterior_images_per_s=sampler.get("images_per_s"),
+              wall_s=_wall_times(os.path.join(EM_RUNS, "wall_times.txt")).get(
+                  f"{task} em_{e_step}"),
+              steps=m["run"]["step"], settings=_read_json(os.path.join(folder, "config.json")),
+              source=f"experiments/fmnist/em/{task}_em_{e_step}/")
+
+
 def build(root: str) -> dict:
   gem = _read_json(GAUSSIAN_EM) or {}
   classical = _read_json(CLASSICAL)
@@ -127,6 +167,16 @@ def build(root: str) -> dict:
     warm = _warm_start_row(task)
     if warm is not None:
       rows["flowdiff_warm_start"] = warm
+      # The flow's amortized sample on the 64 test images of the em rows' sampler.
+      flow = _inverse_rows(os.path.join(HERE, "warm_start", f"{task}_flowdiff_warm",
+                                        "inverse.json")) or {}
+      if "flow_sample" in flow:
+        warm["psnr_posterior_sample_64"] = flow["flow_sample"]["psnr"]
+        warm["posterior_images_per_s"] = flow["flow_sample"]["images_per_s"]
+    for e_step in ("mmps", "dps"):
+      row = _em_row(task, e_step)
+      if row is not None:
+        rows[f"em_{e_step}"] = row
     tasks[task] = rows
   for rows in tasks.values():
     for method, r in rows.items():
@@ -155,8 +205,9 @@ def markdown(results: dict) -> str:
            "posterior stds.", ""]
   for task, rows in results["tasks"].items():
     lines += [f"### {task}", "", "| method | FD-FMNIST ↓ | gap closed | posterior-mean PSNR ↑ "
+              "| one posterior sample, PSNR (64 images) ↑ | posterior images/s "
               "| residual ratio | coverage 1σ / 2σ | wall (s) | source |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     fd = {m: r["fd_fmnist"] for m, r in rows.items()}
     for method, r in rows.items():
       cov = (f"{_fmt(r.get('coverage_1std'), 3)} / {_fmt(r.get('coverage_2std'), 3)}"
@@ -167,10 +218,13 @@ def markdown(results: dict) -> str:
         gap = f"{gap_closed(fd['naive'], fd[method], fd['clean']):.0%}"
       lines.append(f"| {method} | {_fmt(r['fd_fmnist'])} | {gap} | "
                    f"{_fmt(r['psnr_posterior_mean'])} | "
+                   f"{_fmt(r.get('psnr_posterior_sample_64'))} | "
+                   f"{_fmt(r.get('posterior_images_per_s'), 1)} | "
                    f"{_fmt(r.get('residual_ratio'), 3)} | {cov} | {_fmt(r['wall_s'], 1)} | "
                    f"{r['source']} |")
     for name, psnr in (results.get("classical") or {}).get(task, {}).items():
-      lines.append(f"| *classical:* {name} |  |  | {_fmt(psnr)} |  |  |  | classical.json |")
+      lines.append(f"| *classical:* {name} |  |  | {_fmt(psnr)} |  |  |  |  |  | "
+                   "classical.json |")
     lines.append("")
   return "\n".join(lines)
 

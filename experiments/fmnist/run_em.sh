@@ -59,4 +59,13 @@ for task in $TASKS; do
       --solvers=$ESTEP --mmps_steps=32 --mmps_cg_iters=1 --dps_steps=32 \
       --dps_zeta=${DPS_ZETA[$task]} --label=em_$ESTEP
   fi
+  # What results.py reads, copied out of the (ignored) workdir.
+  out=experiments/fmnist/em/$run
+  mkdir -p $out
+  cp $ROOT/$run/eval/metrics.json $out/metrics.json
+  cp $ROOT/$run/inverse/$itask/metrics.json $out/inverse.json
+  grep "^$task em_$ESTEP\|^evaluate $run" $ROOT/wall_times.txt | tail -2 >> experiments/fmnist/em/wall_times.txt
+  $PY -c "import json, sys; from flowdiff_jax import runs; c = runs.load_config(sys.argv[1]); \
+json.dump({k: c[k].to_dict() for k in ('em', 'gaussian_em', 'training', 'optim')}, \
+open(sys.argv[2], 'w'), indent=1)" $ROOT/$run $out/config.json
 done
