@@ -1,0 +1,17 @@
+#!/bin/bash
+# The flowdiff_warm_start runs (run_warm.sh) on the 64 test observations of the
+# em rows' inverse reports: the flow's amortized sample (flow_sample row: one
+# network pass per image) and MMPS (32 steps, 1 CG iteration) under the
+# flowdiff prior, the em rows' E-step sampler. Copied to
+# warm_start/<task>_flowdiff_warm/inverse.json for results.py.
+#   bash experiments/fmnist/run_flow_inverse.sh [PYTHON] [WORKDIR_ROOT]
+set -e
+PY=${1:-.venv/bin/python}
+ROOT=${2:-workdirs/fmnist}
+for task in denoise blur inpaint; do
+  itask=$task; [ $task = blur ] && itask=deblur
+  run=${task}_flowdiff_warm
+  $PY -m flowdiff_jax.inverse --workdir=$ROOT/$run --task=$itask --num_images=64 \
+    --solvers=mmps --mmps_steps=32 --mmps_cg_iters=1 --label=flowdiff_warm_start
+  cp $ROOT/$run/inverse/$itask/metrics.json experiments/fmnist/warm_start/$run/inverse.json
+done
