@@ -13,7 +13,6 @@ Prints images/s (best of --repeats) and writes them with the hardware to --out.
 """
 
 import argparse
-import json
 import os
 import time
 
