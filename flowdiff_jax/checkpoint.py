@@ -11,7 +11,11 @@ the others to <workdir>/corrupt_checkpoints/ with a warning: kept as evidence,
 out of reach of orbax's `max_to_keep` rotation, never deleted.
 
 Resuming also checks that the checkpoint's config is this run's, up to the
-fields in RESUMABLE_FIELDS (`check_resume_config`, `IncompatibleCheckpointError`).
+fields in RESUMABLE_FIELDS (`check_resume_config`, `IncompatibleCheckpointError`),
+and that it was written by as many JAX processes as this run has: each process
+stores its own data-iterator file, so another process count is refused unless
+asked for (`allow_process_count_change`; the data order then continues
+unchanged, see `_data_position`).
 
 Reading a finished run back for the tools (`load_run`, `load_prior`) is in
 `flowdiff_jax.runs`.
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -87,7 +92,8 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter,
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter, *,
                    config: ml_collections.ConfigDict | None = None,
-                   allow_config_change: bool = False) -> TrainState | None:
+                   allow_config_change: bool = False,
+                   allow_process_count_change: bool = False) -> TrainState | None:
   """Restores the newest checkpoint that reads back into (a template of) `state` and `data_iter`.
 
   Checkpoints are tried newest first; one that does not read back twice in a
@@ -107,6 +113,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter,
     config: this run's config; when given, each checkpoint's stored config must
       equal it outside RESUMABLE_FIELDS (see `check_resume_config`).
     allow_config_change: resume despite such differences.
+    allow_process_count_change: resume a checkpoint written by another number
+      of processes (see `_data_position`); otherwise that raises.
 
   Returns:
     The restored state, or None when the workdir has no (finished) checkpoint.
@@ -126,7 +134,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter,
     for _ in range(2):  # a second read tells a flaky filesystem from a damaged file
       try:
         restored = _restore_step(manager, step, state, template, data_iter, config,
-                                 allow_config_change)
+                                 allow_config_change, allow_process_count_change)
         break
       except IncompatibleCheckpointError:
         raise
@@ -161,22 +169,83 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter,
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState, template,
                   data_iter, config: ml_collections.ConfigDict | None,
-                  allow_config_change: bool) -> TrainState:
-  """One checkpoint: its config and array names checked first, then read."""
+                  allow_config_change: bool, allow_process_count_change: bool) -> TrainState:
+  """One checkpoint: its config, process count and array names checked first, then read."""
   directory = os.fspath(manager.directory)
   if config is not None:
     stored = manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
     _check_config(directory, step, stored, config, allow_config_change)
+  written_by = _check_process_count(directory, step, allow_process_count_change)
   # Read with a handler of its own: the run's manager has none registered
   # before its first save, and its item_metadata would then return None.
   metadata = ocp.StandardCheckpointHandler().metadata(
       epath.Path(directory) / str(step) / "state")
   _check_arrays(directory, step, getattr(metadata, "tree", metadata), template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
+  if written_by == jax.process_count():
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+  else:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template)))
+    data_iter.set_state(_data_position(directory, step, written_by))
+    logging.warning(
+        "Checkpoint step %d was written by %d processes, this run has %d "
+        "(--allow_process_count_change): the data order continues from global batch %d, "
+        "split over %d processes; the updates match the old layout's up to float rounding.",
+        step, written_by, jax.process_count(), data_iter.get_state().get("next_index", -1),
+        jax.process_count())
   return state.replace(**restored["state"])
+
+
+# grain's per-process iterator file in <step>/data/.
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def written_process_count(directory: str, step: int) -> int | None:
+  """How many processes wrote checkpoint `step` (its data files); None without any."""
+  data = epath.Path(directory) / str(step) / "data"
+  counts = {int(m.group(2)) for f in (data.iterdir() if data.exists() else ())
+            if (m := _DATA_FILE.fullmatch(f.name))}
+  if len(counts) > 1:
+    raise ValueError(f"{data} holds iterator files of several process counts: {sorted(counts)}")
+  return counts.pop() if counts else None
+
+
+def _check_process_count(directory: str, step: int, allow: bool) -> int:
+  """The process count that wrote `step`; raises if it is not this run's and not `allow`."""
+  written_by = written_process_count(directory, step)
+  if written_by is None:
+    raise FileNotFoundError(f"{directory}/{step}/data has no data-iterator file")
+  if written_by != jax.process_count() and not allow:
+    raise IncompatibleCheckpointError(
+        f"Checkpoint step {step} in {directory} was written by {written_by} JAX "
+        f"process(es); this run has {jax.process_count()}. Each process saved its own "
+        f"data-iterator position (data/process_<i>-of-{written_by}.json), so it cannot be "
+        f"resumed as it is. Either rerun with {written_by} processes, or pass "
+        "--allow_process_count_change: every process then takes the position from those "
+        "files (they count global batches, so the order of examples does not change) and "
+        "the run continues, equal to the old layout up to float rounding, not bit for bit.")
+  return written_by
+
+
+def _data_position(directory: str, step: int, written_by: int) -> dict:
+  """The iterator state for any process count, from a checkpoint written by `written_by`.
+
+  Process p of n reads the p-th slice of each global batch (data._process_batches),
+  so after k global batches every process's state is {"next_index": k}: the
+  same number in every file, and valid for any other n. Files that disagree
+  (another pipeline) are refused rather than guessed at.
+  """
+  data = epath.Path(directory) / str(step) / "data"
+  states = [json.loads((data / f"process_{p}-of-{written_by}.json").read_text())
+            for p in range(written_by)]
+  if any(s != states[0] for s in states[1:]) or set(states[0]) != {"next_index"}:
+    raise IncompatibleCheckpointError(
+        f"The data-iterator files of checkpoint step {step} in {directory} are not one "
+        f"shared position ({states}); it cannot be resumed with another process count.")
+  return states[0]
 
 
 def _on_every_process(ok: bool) -> bool:
@@ -342,18 +411,22 @@ def _check_config(directory: str, step: int, stored: Mapping,
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
-                        allow_config_change: bool = False) -> int | None:
+                        allow_config_change: bool = False,
+                        allow_process_count_change: bool = False) -> int | None:
   """Checks, before anything compiles, that `config` may resume `workdir`.
 
   Compares `config` with the config stored in the newest checkpoint whose
   config reads back. Fields in RESUMABLE_FIELDS may differ; any other
-  difference raises, unless allow_config_change (then it is logged).
+  difference raises, unless allow_config_change (then it is logged). That
+  checkpoint must also have been written by jax.process_count() processes,
+  unless allow_process_count_change.
 
   Returns:
     That checkpoint's step, or None when the workdir has none.
 
   Raises:
-    IncompatibleCheckpointError: naming every differing field with both values.
+    IncompatibleCheckpointError: naming every differing field with both values,
+      or both process counts.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
@@ -367,6 +440,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
       except Exception:  # noqa: BLE001 (restore_latest reports and sets it aside)
         continue
       _check_config(directory, step, stored, config, allow_config_change, log=True)
+      if written_process_count(directory, step) is not None:
+        _check_process_count(directory, step, allow_process_count_change)
       return step
     return None
   finally:

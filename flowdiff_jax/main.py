@@ -9,7 +9,8 @@ command resumes from the newest checkpoint in the workdir.
 
 Exit codes: 0 finished; 130 / 143 stopped by SIGINT / SIGTERM after saving the
 last step (rerun to resume); 3 diverged (too many non-finite steps in a row);
-2 the workdir holds another run's checkpoints (see --allow_config_change);
+2 the workdir holds another run's checkpoints (see --allow_config_change), or
+ones written by another number of processes (see --allow_process_count_change);
 1 any other error.
 
 Many hosts: run the same command in every process (every TPU VM worker, every
@@ -46,6 +47,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "other than the run length, logging, evaluation and checkpoint frequencies "
     "(checkpoint.RESUMABLE_FIELDS). Without it such a resume stops with the list of "
     "differing fields. Changes of network or optimiser shapes cannot be resumed either way.")
+_ALLOW_PROCESS_COUNT_CHANGE = flags.DEFINE_bool(
+    "allow_process_count_change", False,
+    "Resume a workdir whose checkpoints were written by another number of JAX processes "
+    "(e.g. a pod slice of another size). The data order continues where it stopped; the "
+    "run then equals the old layout's up to float rounding, not bit for bit. Without it "
+    "such a resume stops with an explanation.")
 
 # The variables jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py);
 # all are set in the tasks of an `srun` step, not in the batch script itself.
@@ -144,7 +151,8 @@ def main(argv):
   logging.info("Config %s, workdir %s", config_path, os.path.abspath(workdir))
   try:
     train.train_and_evaluate(_CONFIG.value, workdir,
-                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                             allow_process_count_change=_ALLOW_PROCESS_COUNT_CHANGE.value)
   except train.RunStopped as e:  # preempted or diverged: a message, not a traceback
     logging.error("%s", e)
     sys.exit(e.exit_code)

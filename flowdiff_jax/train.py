@@ -306,7 +306,8 @@ def _window_mean(window: list[dict[str, float]]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> step_lib.TrainState:
+                       allow_config_change: bool = False,
+                       allow_process_count_change: bool = False) -> step_lib.TrainState:
   """Trains `config.method` in `workdir`, resuming from its newest readable checkpoint.
 
   While it runs, SIGTERM and SIGINT make it finish the current dispatch (one
@@ -319,6 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     allow_config_change: resume checkpoints whose config differs from `config`
       outside checkpoint.RESUMABLE_FIELDS (otherwise that raises
       checkpoint.IncompatibleCheckpointError before anything compiles).
+    allow_process_count_change: resume checkpoints written by another number
+      of JAX processes, continuing the same data order (otherwise that raises
+      checkpoint.IncompatibleCheckpointError before anything compiles).
 
   Returns:
     The final TrainState.
@@ -329,18 +333,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoint.IncompatibleCheckpointError: see allow_config_change.
   """
   with _StopSignals() as stop:
-    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+    return _train_and_evaluate(config, workdir, stop, allow_config_change,
+                               allow_process_count_change)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals,
-                        allow_config_change: bool) -> step_lib.TrainState:
+                        allow_config_change: bool,
+                        allow_process_count_change: bool) -> step_lib.TrainState:
   """`train_and_evaluate` with its signal handlers installed."""
   # Measurement files decide the image shape (and σ_y when estimated): read
   # and checked here, first, so the saved config holds them.
   config, sigma_report = data.resolve_config(config)
   validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   # A workdir of another run fails here, in seconds, not after compiling.
-  checkpoint.check_resume_config(workdir, config, allow_config_change=allow_config_change)
+  checkpoint.check_resume_config(workdir, config, allow_config_change=allow_config_change,
+                                 allow_process_count_change=allow_process_count_change)
   jax.config.update("jax_threefry_partitionable", True)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -380,7 +387,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   state = create_state(fitted)
   train_iter = iter(run_data.train_dataset())
   restored = checkpoint.restore_latest(manager, state, train_iter, config=config,
-                                       allow_config_change=allow_config_change)
+                                       allow_config_change=allow_config_change,
+                                       allow_process_count_change=allow_process_count_change)
   if restored is None and shapes is not None and resuming:
     # No checkpoint read back: start over, with a real fit.
     state = create_state(fit_before_training(method, config, run_data, mesh))

@@ -334,6 +334,36 @@ def test_another_runs_workdir_is_refused(references, tmp_path):
   assert _steps(tmp_path / "allowed")[-1] == STEPS["clean"] + 1
 
 
+def test_another_process_count_is_refused_then_continues_the_data_order(references, tmp_path):
+  """Step 12 as if written by 2 processes (the data file of each, as grain names them):
+  refused before anything compiles, saying why and how; --allow_process_count_change
+  takes the position from those files and ends at the uninterrupted run's arrays."""
+  reference = references.workdir("clean")
+  work = tmp_path / "run"
+  shutil.copytree(reference, work, ignore=shutil.ignore_patterns("events.*"))
+  for step in (18, 20):
+    shutil.rmtree(os.path.join(work, "checkpoints", str(step)))
+  data_dir = os.path.join(work, "checkpoints", "12", "data")
+  one = os.path.join(data_dir, "process_0-of-1.json")
+  with open(one) as f:
+    assert '"next_index": 12' in f.read()  # batches consumed: the same on every process
+  for p in range(2):
+    shutil.copy(one, os.path.join(data_dir, f"process_{p}-of-2.json"))
+  os.remove(one)
+
+  log = Run(_flags("clean", work, STEPS["clean"], **CLEAN), work).wait(returncode=2)
+  assert re.search(r"Checkpoint step 12 in .* was written by 2 JAX process\(es\); this run "
+                   r"has 1\..*--allow_process_count_change", log)
+  assert "Training clean" not in log and _steps(work) == [12]
+
+  log = Run(_flags("clean", work, STEPS["clean"], **CLEAN) + ["--allow_process_count_change"],
+            work).wait()
+  assert "written by 2 processes, this run has 1 (--allow_process_count_change): the data " \
+         "order continues from global batch 12" in log
+  assert "Training clean on fashion_mnist/denoise from step 12 to 20" in log
+  _assert_same_arrays(_arrays(work), _arrays(reference))
+
+
 # Poisons the prior term of the amortized loss (and so the gradient) at chosen
 # steps, then runs the command line as users do.
 _POISONED_MAIN = """

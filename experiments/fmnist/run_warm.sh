@@ -9,13 +9,17 @@
 # Run from the repository root:
 #   bash experiments/fmnist/run_warm.sh [PYTHON] [WORKDIR_ROOT] [TASK ...]
 # Rerunning resumes unfinished runs; the key in results.json is flowdiff_warm_start.
+# STEPS=6000 bash ... trains 6000 steps instead (the run is named
+# <task>_flowdiff_warm_6000, key flowdiff_warm_start_6000): about the wall time
+# of the em_mmps rows on this machine, for the equal-wall-time comparison.
 set -e
+STEPS=${STEPS:-2000}
 PY=${1:-.venv/bin/python}
 ROOT=${2:-workdirs/fmnist}
 shift 2 || true
 TASKS=${*:-inpaint blur denoise}
 COMMON="--config.model.base_channels=16 --config.model.num_groups=4 \
- --config.training.batch_size=32 --config.training.num_train_steps=2000 \
+ --config.training.batch_size=32 --config.training.num_train_steps=$STEPS \
  --config.training.eval_every_steps=1000 --config.training.sample_every_steps=1000 \
  --config.training.checkpoint_every_steps=250 --config.optim.learning_rate=1e-3 \
  --config.optim.warmup_steps=100 --config.optim.ema_decay=0.995 --config.eval.num_samples=36 \
@@ -29,10 +33,11 @@ declare -A EM=(
 mkdir -p $ROOT
 for task in $TASKS; do
   run=${task}_flowdiff_warm
+  [ "$STEPS" = 2000 ] || run=${run}_$STEPS
   start=$(date +%s)
   $PY -m flowdiff_jax.main --config=configs/${CONFIG[$task]}.py $COMMON ${EM[$task]} \
     --config.method=flowdiff --workdir=$ROOT/$run
-  echo "$task flowdiff_warm: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
+  echo "$task ${run#${task}_}: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
   if [ ! -e $ROOT/$run/eval/metrics.json ]; then
     start=$(date +%s)
     $PY -m flowdiff_jax.evaluate --workdir=$ROOT/$run --num_samples=500 \
