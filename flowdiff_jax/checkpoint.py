@@ -429,7 +429,13 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
       or both process counts.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  found = os.path.isdir(directory)
+  # Every process must take the same branch (the manager below has barriers), so
+  # none may go on and create the directory (make_manager) before all have looked:
+  # on a fresh workdir a slower process would otherwise see process 0's new
+  # directory and wait at a barrier the others never reach.
+  _sync("flowdiff_resume_check")
+  if not found:
     return None
   manager, _ = read_only_manager(workdir)
   try:

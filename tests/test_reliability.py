@@ -13,20 +13,17 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs_testing import REPO, Run, arrays, assert_same_arrays, steps, truncate_all
+
 # data.fmnist_idx_dir of every run: the generated files of conftest's fmnist_idx_dir
 # fixture, set by _use_generated_fashion_mnist below.
 IDX_DIR = None
-TIMEOUT_S = 400  # one run, compile included, on a busy CI machine
 # Steps of the runs: clean is killed several times, flowdiff once (its compile costs more).
 STEPS = {"clean": 20, "flowdiff": 8}
 # Random kill points; set RELIABILITY_SEED to try others.
@@ -64,84 +61,6 @@ def _flags(method: str, workdir, steps: int, **overrides) -> list[str]:
       **overrides}
   return ([f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}"]
           + [f"--config.{k}={v}" for k, v in fields.items()])
-
-
-class Run:
-  """One training process, its output in a log file next to its workdir."""
-
-  def __init__(self, args: list[str], workdir, cmd=None):
-    self.workdir = str(workdir)
-    self.log_path = f"{self.workdir}.{time.monotonic_ns()}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))
-           and k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    # Unoptimised XLA:CPU code compiles ~30% faster; every run of a comparison uses it.
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
-               CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".pytest_cache", "jax"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    self._log = open(self.log_path, "wb")
-    self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "flowdiff_jax.main", *args],
-                                 cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-    self.start = time.monotonic()
-
-  def text(self) -> str:
-    with open(self.log_path, errors="replace") as f:
-      return f.read()
-
-  def _fail(self, why: str):
-    if self.proc.poll() is None:
-      self.proc.kill()  # it handles SIGTERM itself
-      self.proc.wait()
-    pytest.fail(f"{why}\n--- {self.log_path} ---\n{self.text()[-4000:]}")
-
-  def wait(self, returncode: int = 0) -> str:
-    """Waits for the exit, checks its status; the log."""
-    try:
-      self.proc.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - self.start)))
-    except subprocess.TimeoutExpired:
-      self._fail(f"timed out after {TIMEOUT_S}s")
-    self._log.close()
-    if self.proc.returncode != returncode:
-      self._fail(f"exit status {self.proc.returncode}, expected {returncode}")
-    return self.text()
-
-  def kill_after(self, step: int, sig: int) -> int:
-    """Sends `sig` once step `step` is logged; returns the step the run saved and stopped at."""
-    while f"] [{step}] train/" not in self.text():
-      if self.proc.poll() is not None:
-        self._fail(f"exited with {self.proc.returncode} before step {step}")
-      if time.monotonic() - self.start > TIMEOUT_S:
-        self._fail(f"no step {step} after {TIMEOUT_S}s")
-      time.sleep(0.05)
-    self.proc.send_signal(sig)
-    log = self.wait(returncode=128 + sig)
-    stopped = re.search(rf"Stopped by {signal.Signals(sig).name} after step (\d+) of", log)
-    assert stopped, log[-3000:]
-    return int(stopped.group(1))
-
-
-def _arrays(workdir, step: int | None = None) -> dict:
-  """A checkpoint's arrays (step, params, ema_params, opt_state) as numpy; the newest by default."""
-  directory = os.path.join(str(workdir), "checkpoints")
-  step = max(_steps(workdir)) if step is None else step
-  path = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(d) for d in os.listdir(os.path.join(str(workdir), "checkpoints"))
-                if d.isdigit())
-
-
-def _assert_same_arrays(got: dict, want: dict) -> None:
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
-                          strict=True):
-    np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
 
 
 # Periodic checkpoints of the clean runs, for the damaged-checkpoint test.
@@ -204,8 +123,8 @@ def test_kills_at_random_steps_resume_bit_identical(references, tmp_path):
   assert any(s % CLEAN["training.checkpoint_every_steps"] for s in stopped_at[1:]), stopped_at
   log = Run(args, tmp_path / "run").wait()
   assert f"Resumed from step {stopped_at[-1]} " in log
-  want = _arrays(references.workdir("clean"))
-  _assert_same_arrays(_arrays(tmp_path / "run"), want)
+  want = arrays(references.workdir("clean"))
+  assert_same_arrays(arrays(tmp_path / "run"), want)
   assert int(want["step"]) == STEPS["clean"]
 
 
@@ -214,35 +133,23 @@ def test_flowdiff_resumes_bit_identical_after_sigterm(references, tmp_path):
   args = _flags("flowdiff", tmp_path / "run", STEPS["flowdiff"])
   stop = Run(args, tmp_path / "run").kill_after(random.Random(SEED).randint(1, 3),
                                                 signal.SIGTERM)
-  assert _steps(tmp_path / "run") == [stop]
+  assert steps(tmp_path / "run") == [stop]
   log = Run(args, tmp_path / "run").wait()
   assert f"Resumed from step {stop} " in log
-  _assert_same_arrays(_arrays(tmp_path / "run"), _arrays(references.workdir("flowdiff")))
-
-
-def _truncate_all(folder: str) -> dict[str, int]:
-  """Cuts every file in `folder` to half its size (as an interrupted copy leaves them).
-
-  One file is not enough: the bytes a restore reads may all lie in its first half.
-  """
-  sizes = {}
-  for name in os.listdir(folder):
-    sizes[name] = os.path.getsize(os.path.join(folder, name)) // 2
-    os.truncate(os.path.join(folder, name), sizes[name])
-  return sizes
+  assert_same_arrays(arrays(tmp_path / "run"), arrays(references.workdir("flowdiff")))
 
 
 def test_damaged_checkpoints_are_skipped_and_kept(references, tmp_path):
   """Truncated array files (step 20), a deleted file (step 18) and an unfinished save: the
   run resumes from step 12, moves the three aside intact, and still ends at the reference."""
   reference = references.workdir("clean")
-  assert _steps(reference) == [12, 18, 20]
-  want = _arrays(reference)
+  assert steps(reference) == [12, 18, 20]
+  want = arrays(reference)
   work = tmp_path / "run"
   shutil.copytree(reference, work, ignore=shutil.ignore_patterns("events.out.*"))
   checkpoints = os.path.join(work, "checkpoints")
   data_files = os.path.join("20", "state", "ocdbt.process_0", "d")  # the arrays' bytes
-  sizes = _truncate_all(os.path.join(checkpoints, data_files))
+  sizes = truncate_all(os.path.join(checkpoints, data_files))
   os.remove(os.path.join(checkpoints, "18", "data", "process_0-of-1.json"))
   partial = "21.orbax-checkpoint-tmp-1795900000000000"  # a save killed mid-write
   shutil.copytree(os.path.join(checkpoints, "12"), os.path.join(checkpoints, partial),
@@ -265,7 +172,7 @@ def test_damaged_checkpoints_are_skipped_and_kept(references, tmp_path):
           for name in sizes} == sizes
   assert not os.path.exists(os.path.join(corrupt, "18", "data", "process_0-of-1.json"))
   assert os.listdir(checkpoints) == ["20"]  # the new step 20 (keep_checkpoints=1)
-  _assert_same_arrays(_arrays(work), want)
+  assert_same_arrays(arrays(work), want)
 
 
 def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
@@ -274,8 +181,8 @@ def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
 
   work = tmp_path / "run"
   shutil.copytree(references.workdir("clean"), work, ignore=shutil.ignore_patterns("events.*"))
-  for step in _steps(work):
-    _truncate_all(os.path.join(work, "checkpoints", str(step), "state", "ocdbt.process_0", "d"))
+  for step in steps(work):
+    truncate_all(os.path.join(work, "checkpoints", str(step), "state", "ocdbt.process_0", "d"))
   config = runs.load_config(str(work))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = jax.tree.map(
@@ -287,7 +194,7 @@ def test_no_readable_checkpoint_stops_and_moves_nothing(references, tmp_path):
                      r"\n  step 18: .*\n  step 12: .*None of them was moved or deleted"):
     checkpoint.restore_latest(manager, state, iter(data.train_dataset(config)), config=config)
   manager.close()
-  assert _steps(work) == [12, 18, 20]
+  assert steps(work) == [12, 18, 20]
   assert not os.path.exists(os.path.join(work, checkpoint.CORRUPT_DIR))
 
 
@@ -331,7 +238,7 @@ def test_another_runs_workdir_is_refused(references, tmp_path):
   log = allowed.wait()
   assert re.search(r"--allow_config_change: resuming step 20 .* 1 changed field", log)
   assert "config.data.shuffle_seed: 0 -> 1" in log and "Resumed from step 20 " in log
-  assert _steps(tmp_path / "allowed")[-1] == STEPS["clean"] + 1
+  assert steps(tmp_path / "allowed")[-1] == STEPS["clean"] + 1
 
 
 def test_another_process_count_is_refused_then_continues_the_data_order(references, tmp_path):
@@ -354,14 +261,14 @@ def test_another_process_count_is_refused_then_continues_the_data_order(referenc
   log = Run(_flags("clean", work, STEPS["clean"], **CLEAN), work).wait(returncode=2)
   assert re.search(r"Checkpoint step 12 in .* was written by 2 JAX process\(es\); this run "
                    r"has 1\..*--allow_process_count_change", log)
-  assert "Training clean" not in log and _steps(work) == [12]
+  assert "Training clean" not in log and steps(work) == [12]
 
   log = Run(_flags("clean", work, STEPS["clean"], **CLEAN) + ["--allow_process_count_change"],
             work).wait()
   assert "written by 2 processes, this run has 1 (--allow_process_count_change): the data " \
          "order continues from global batch 12" in log
   assert "Training clean on fashion_mnist/denoise from step 12 to 20" in log
-  _assert_same_arrays(_arrays(work), _arrays(reference))
+  assert_same_arrays(arrays(work), arrays(reference))
 
 
 # Poisons the prior term of the amortized loss (and so the gradient) at chosen
@@ -411,11 +318,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
       "7), train/prior_nll_bpd (from step 7), train/grad_norm (from step 7). 6 update(s) were "
       "skipped in this run. The newest checkpoint, step 8 in "), message
   # Nothing saved after the divergence; skipped steps left every array as it was.
-  assert _steps(work) == [4, 6, 8]
-  at = {step: _arrays(work, step) for step in (4, 6, 8)}
+  assert steps(work) == [4, 6, 8]
+  at = {step: arrays(work, step) for step in (4, 6, 8)}
   assert [int(at[s]["step"]) for s in (4, 6, 8)] == [4, 6, 8]
   for tree in ("params", "ema_params", "opt_state"):
-    _assert_same_arrays(at[8][tree], at[6][tree])  # steps 7, 8 skipped
+    assert_same_arrays(at[8][tree], at[6][tree])  # steps 7, 8 skipped
   assert any(not np.array_equal(a, b) for a, b in zip(  # steps 5, 6 applied
       jax.tree.leaves(at[6]["params"]), jax.tree.leaves(at[4]["params"])))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(at[8]))
