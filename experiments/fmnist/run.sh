@@ -10,24 +10,36 @@
 # Run from the repository root:
 #   bash experiments/fmnist/run.sh [PYTHON] [WORKDIR_ROOT]
 # Rerunning resumes unfinished runs from their checkpoints.
+# Environment: STEPS (default 2000; other values name the runs <task>_<method>_<STEPS>),
+# TASKS (default "denoise inpaint blur"), METHODS (default "naive flowdiff"),
+# CLEAN (default 1: also the clean run), e.g. the 6000-step references of the
+# equal-wall-time comparison with run_warm.sh and run_em.sh:
+#   STEPS=6000 TASKS="denoise blur" METHODS=naive bash experiments/fmnist/run.sh
 set -e
 PY=${1:-.venv/bin/python}
 ROOT=${2:-workdirs/fmnist}
+STEPS=${STEPS:-2000}
+TASKS=${TASKS:-denoise inpaint blur}
+METHODS=${METHODS:-naive flowdiff}
+declare -A CONFIG=([denoise]=fmnist_noise [inpaint]=fmnist_inpaint [blur]=fmnist_blur)
 COMMON="--config.model.base_channels=16 --config.model.num_groups=4 \
- --config.training.batch_size=32 --config.training.num_train_steps=2000 \
+ --config.training.batch_size=32 --config.training.num_train_steps=$STEPS \
  --config.training.eval_every_steps=1000 --config.training.sample_every_steps=1000 \
  --config.training.checkpoint_every_steps=250 --config.optim.learning_rate=1e-3 \
  --config.optim.warmup_steps=100 --config.optim.ema_decay=0.995 --config.eval.num_samples=36 \
  --config.eval.sample_steps=100 --config.amortized.beta_prior_warmup_steps=300"
 run() {  # task config method
+  name=$3
+  [ "$STEPS" = 2000 ] || name=${name}_$STEPS
   start=$(date +%s)
   $PY -m flowdiff_jax.main --config=configs/$2.py $COMMON --config.method=$3 \
-    --workdir=$ROOT/$1_$3
-  echo "$1 $3: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
+    --workdir=$ROOT/$1_$name
+  echo "$1 $name: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
 }
 mkdir -p $ROOT
-run any fmnist_noise clean
-for task in denoise:fmnist_noise inpaint:fmnist_inpaint blur:fmnist_blur; do
-  run ${task%%:*} ${task#*:} naive
-  run ${task%%:*} ${task#*:} flowdiff
+[ "${CLEAN:-1}" = 0 ] || run any fmnist_noise clean
+for task in $TASKS; do
+  for method in $METHODS; do
+    run $task ${CONFIG[$task]} $method
+  done
 done
