@@ -50,6 +50,7 @@ RESUMABLE_FIELDS = (
     "training.num_train_steps", "training.log_every_steps", "training.eval_every_steps",
     "training.sample_every_steps", "training.checkpoint_every_steps",
     "training.keep_checkpoints", "training.max_consecutive_nonfinite_steps",
+    "training.profile_steps",
     "data.data_dir", "data.read_threads", "data.num_eval_examples", "data.reference_path",
     "amortized.eval_num_samples", "eval.*")
 

@@ -438,11 +438,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
                        else rep)), None)
 
   report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer)
+  profile = (_StepProfile(tr.profile_steps, workdir, initial_step, per_dispatch,
+                          tr.num_train_steps)
+             if tr.get("profile_steps", 0) and jax.process_index() == 0 else None)
   history = []  # per-step metrics on device, not yet fetched
   window = []  # fetched to the host, not yet written
   guard = _NonFiniteGuard(tr.max_consecutive_nonfinite_steps)
 
   def finish():
+    if profile is not None:
+      profile.close()
     manager.wait_until_finished()
     manager.close()
     writer.flush()
@@ -491,6 +496,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
         state, metrics = steps_fn(state, batches, train_rng)
     history.append(metrics)
     report(step)
+    if profile is not None:
+      profile(step, metrics)
     last = step == tr.num_train_steps
     preempted = stop.should_stop(dispatch, manager) and not last
     save = step % tr.checkpoint_every_steps == 0 or last or preempted
@@ -552,6 +559,48 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
           stop.signum or signal.SIGTERM)
   finish()
   return state
+
+
+class _StepProfile:
+  """training.profile_steps: a jax.profiler trace of that many steps, by clu's Profile action.
+
+  It starts after the run's third dispatch (the first compiles the step, the
+  second may take single steps up to a multiple of steps_per_dispatch) and
+  writes WORKDIR/plugins/profile/<time>/<host>.xplane.pb. While it runs, each
+  step waits for the device, so the trace holds every traced step's device work.
+  """
+
+  def __init__(self, num_steps: int, logdir: str, initial_step: int, per_dispatch: int,
+               num_train_steps: int):
+    first = initial_step
+    for _ in range(3):  # the loop's own step sequence (see the train loop)
+      first += per_dispatch if first % per_dispatch == 0 else 1
+    self.first, self.last = first, first + num_steps
+    self.folder = os.path.join(logdir, "plugins", "profile")
+    if self.last > num_train_steps:
+      logging.warning("training.profile_steps=%d: the run ends at step %d, before the "
+                      "profile's last step %d.", num_steps, num_train_steps, self.last)
+    self.action = periodic_actions.Profile(
+        logdir=logdir, num_profile_steps=num_steps, profile_duration_ms=None,
+        first_profile=first, every_steps=None, every_secs=None)
+    self.running = False
+
+  def __call__(self, step: int, outputs) -> None:
+    if self.first <= step <= self.last:
+      jax.block_until_ready(outputs)
+    self.action(step)
+    if step == self.first:
+      self.running = True
+      logging.info("Profiling steps %d-%d into %s.", self.first + 1, self.last, self.folder)
+    elif step >= self.last:
+      self.running = False
+
+  def close(self) -> None:
+    """Ends a trace that the run's end cut short."""
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      logging.warning("The run ended before the profile's last step; the trace is shorter.")
 
 
 def _flatten(tree: dict, prefix: str = ""):

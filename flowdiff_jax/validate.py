@@ -182,7 +182,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   for field in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "max_consecutive_nonfinite_steps"):
     _positive(config, f"training.{field}", integer=True)
-  for field in ("eval_every_steps", "sample_every_steps"):
+  for field in ("eval_every_steps", "sample_every_steps", "profile_steps"):
     _positive(config, f"training.{field}", strict=False, integer=True)
   if not isinstance(_get(config, "training.remat"), bool):
     _fail("training.remat", config.training.remat, "must be True or False")

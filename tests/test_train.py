@@ -165,3 +165,20 @@ def test_command_line_modules_import_together():
   # Each CLI defines its absl flags only when run as a program: several share
   # names (--workdir), and tests and users import them side by side.
   pass
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_trace_and_change_nothing_else(tmp_path, mock_fashion_mnist):
+  """training.profile_steps=2: a jax.profiler trace of steps 4-5 (after the third dispatch)
+  in the workdir, with the parameters of the same run without a trace."""
+  plain = train.train_and_evaluate(_tiny("naive", steps=6), str(tmp_path / "plain"))
+  config = _tiny("naive", steps=6)
+  config.training.profile_steps = 2
+  profiled = train.train_and_evaluate(config, str(tmp_path / "profiled"))
+  traces = glob.glob(str(tmp_path / "profiled" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert len(traces) == 1, traces
+  with open(traces[0], "rb") as f:
+    assert b"train" in f.read()  # the loop's StepTraceAnnotation of each traced step
+  assert not os.path.exists(tmp_path / "plain" / "plugins")
+  for a, b in zip(_leaves(plain), _leaves(profiled), strict=True):
+    np.testing.assert_array_equal(a, b)

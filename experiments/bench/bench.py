@@ -23,7 +23,9 @@ synthetic batch, then reports:
   peak host memory so far (on CPU that *is* the device memory);
 * loop_ms (with --loop): the step time of the whole training loop — grain data
   pipeline, on-device corruption, step — on Fashion-MNIST configs, to compare
-  with the bare step.
+  with the bare step;
+* data_images_per_s (with --data): that input pipeline alone, every batch
+  waited for (Fashion-MNIST configs).
 
 The speed options of configs/default.py are measured through --set (applied
 to every run; documented there):
@@ -74,6 +76,9 @@ def _parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--loop", action="store_true",
                  help="also time the full training loop (Fashion-MNIST configs only)")
+  p.add_argument("--data", action="store_true",
+                 help="also time the data pipeline alone: grain reading + on-device "
+                      "corruption (Fashion-MNIST configs only)")
   p.add_argument("--device_counts", default="",
                  help="e.g. 1,2,4: rerun in subprocesses with that many fake CPU devices, "
                       "batch sizes per device")
@@ -145,6 +150,26 @@ def _flops(stage) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def _initial_state(config, mesh, batch):
+  """The train state a run starts from, replicated over `mesh`.
+
+  Params that a run fits before training (the flow's Gaussian-EM base) are
+  zeros of their shapes here: their values do not change what a step costs.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from flowdiff_jax import methods, parallel, step as step_lib
+
+  images = batch["y"] if "y" in batch else batch["x"]  # clean methods read x only
+  shapes = methods.get(config.method).fitted_params_shapes(config, images.shape[1:])
+  fitted = None if shapes is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                     shapes)
+  with jax.threefry_partitionable(False):
+    return jax.jit(lambda r, b, f: step_lib.create_train_state(config, r, b, fitted_params=f),
+                   out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch, fitted)
+
+
 def bench_step(config, *, warmup: int, repeats: int) -> dict:
   """Compile time, median step time, FLOPs and memory of `config`'s jitted train step.
 
@@ -158,9 +183,7 @@ def bench_step(config, *, warmup: int, repeats: int) -> dict:
   mesh = parallel.make_mesh()
   k = config.training.get("steps_per_dispatch", 1)
   batch = _synthetic_batch(config, mesh, config.training.batch_size)
-  with jax.threefry_partitionable(False):
-    state = jax.jit(lambda r, b: step_lib.create_train_state(config, r, b),
-                    out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch)
+  state = _initial_state(config, mesh, batch)
   rng = jax.random.key(1)
   if k > 1:
     # The single step's FLOPs, from its HLO: no second compilation.
@@ -223,10 +246,7 @@ def bench_loop(config, *, warmup: int, repeats: int) -> dict:
   prepare = train._make_prepare(config, mesh, for_eval=False)  # noqa: SLF001 (the loop's own)
   source = data.make_source(config, "train")
   it = iter(data.train_dataset(config, source))
-  batch = prepare(next(it))
-  with jax.threefry_partitionable(False):
-    state = jax.jit(lambda r, b: step_lib.create_train_state(config, r, b),
-                    out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch)
+  state = _initial_state(config, mesh, prepare(next(it)))
   k = config.training.get("steps_per_dispatch", 1)
   if k > 1:
     steps, stack = step_lib.make_train_steps(config, mesh), train._make_stack(mesh)  # noqa: SLF001
@@ -247,6 +267,23 @@ def bench_loop(config, *, warmup: int, repeats: int) -> dict:
     history.append(metrics)
   jax.block_until_ready((state, history))
   return {"loop_ms": 1e3 * (time.perf_counter() - t) / (repeats * k)}
+
+
+def bench_data(config, *, batches: int) -> dict:
+  """Images/s of the loop's input alone: grain pipeline, transfer, on-device corruption."""
+  import jax
+
+  from flowdiff_jax import data, parallel, train
+
+  mesh = parallel.make_mesh()
+  prepare = train._make_prepare(config, mesh, for_eval=False)  # noqa: SLF001 (the loop's own)
+  it = iter(data.train_dataset(config, data.make_source(config, "train")))
+  jax.block_until_ready(prepare(next(it)))  # compiles the corruption
+  t = time.perf_counter()
+  for _ in range(batches):
+    jax.block_until_ready(prepare(next(it)))
+  return {"data_images_per_s": batches * config.training.batch_size
+          / (time.perf_counter() - t)}
 
 
 def run_all(args) -> list[dict]:
@@ -281,6 +318,8 @@ def run_all(args) -> list[dict]:
         row.update(bench_step(config, warmup=args.warmup, repeats=args.repeats))
         if args.loop and config.data.dataset == "fashion_mnist":
           row.update(bench_loop(config, warmup=args.warmup, repeats=max(args.repeats, 10)))
+        if args.data and config.data.dataset == "fashion_mnist":
+          row.update(bench_data(config, batches=max(args.repeats, 20)))
         row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(row)
   return rows

@@ -289,6 +289,12 @@ def get_config() -> ml_collections.ConfigDict:
   # one program (XLA:CPU runs rolled loops' bodies several times slower), so
   # compilation takes about K times as long: keep K small (2-8).
   training.steps_per_dispatch = 1
+  # Trace N training steps with jax.profiler (clu's Profile action) into
+  # WORKDIR/plugins/profile/ (TensorBoard's profile tab, or xprof) on process 0,
+  # from the third dispatch of the run on, past the first step's compilation; 0:
+  # no trace. The traced steps wait for the device at each step, so the trace
+  # shows device time per step; everything else is unchanged.
+  training.profile_steps = 0
   # Write training metrics every N steps.
   training.log_every_steps = 100
   # Evaluate (held-out DSM loss) every N steps; 0 disables.
