@@ -154,20 +154,30 @@ def _initial_state(config, mesh, batch):
   """The train state a run starts from, replicated over `mesh`.
 
   Params that a run fits before training (the flow's Gaussian-EM base) are
-  zeros of their shapes here: their values do not change what a step costs.
+  zeros of their shapes here, and `amortized`'s frozen Gaussian prior a standard
+  normal: their values do not change what a step costs.
   """
   import jax
   import jax.numpy as jnp
 
   from flowdiff_jax import methods, parallel, step as step_lib
 
+  method = methods.get(config.method)
   images = batch["y"] if "y" in batch else batch["x"]  # clean methods read x only
-  shapes = methods.get(config.method).fitted_params_shapes(config, images.shape[1:])
+  shapes = method.fitted_params_shapes(config, images.shape[1:])
   fitted = None if shapes is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                                      shapes)
+  prior = None
+  if method.frozen_prior:  # "amortized": a standard normal prior, of the same cost as any
+    if config.amortized.prior != "gaussian":
+      raise ValueError("bench.py times `amortized` with amortized.prior=gaussian only")
+    d = images[0].size
+    prior = {"mean": jnp.zeros(images.shape[1:]), "scale_tril": jnp.eye(d)}
   with jax.threefry_partitionable(False):
-    return jax.jit(lambda r, b, f: step_lib.create_train_state(config, r, b, fitted_params=f),
-                   out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch, fitted)
+    return jax.jit(lambda r, b, p, f: step_lib.create_train_state(
+        config, r, b, prior_params=p, fitted_params=f),
+                   out_shardings=parallel.replicated(mesh))(jax.random.key(0), batch, prior,
+                                                            fitted)
 
 
 def bench_step(config, *, warmup: int, repeats: int) -> dict:
