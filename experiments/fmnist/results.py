@@ -23,6 +23,11 @@ being `config.method` names (a variant gets its own key). Sources:
   copied from their workdirs, with em/wall_times.txt. The flowdiff_warm_start
   row's one-sample PSNR and images/s on the same 64 images come from
   warm_start/<task>_flowdiff_warm/inverse.json (its flow_sample row).
+* clean_6000 / naive_6000: experiments/fmnist/long/<run>/metrics.json, run.sh's
+  runs with STEPS=6000 (any_clean_6000, <task>_naive_6000) evaluated as
+  evaluate.sh does, with long/wall_times.txt. A row whose key ends in _<steps>
+  measures its gap closed against the naive and clean rows of those steps when
+  they exist ("gap_against" names them).
 * classical: experiments/fmnist/classical.json (classical.py).
 
 Standard library only.
@@ -127,6 +132,30 @@ def _warm_start_row(task: str, steps: int = 2000) -> dict | None:
   return row
 
 
+LONG_RUNS = os.path.join(HERE, "long")
+
+
+def _long_reference_row(task: str, method: str, steps: int) -> dict | None:
+  """run.sh's clean / naive run of `steps` steps (STEPS=...), copied to long/<run>/."""
+  run = f"any_clean_{steps}" if method == "clean" else f"{task}_{method}_{steps}"
+  m = _read_json(os.path.join(LONG_RUNS, run, "metrics.json"))
+  if m is None:
+    return None
+  key = f"any clean_{steps}" if method == "clean" else f"{task} {method}_{steps}"
+  return dict(fd_fmnist=m["generation"]["rows"]["samples"]["fd_fmnist"],
+              psnr_posterior_mean=None, steps=m["run"]["step"],
+              wall_s=_wall_times(os.path.join(LONG_RUNS, "wall_times.txt")).get(key),
+              source=f"experiments/fmnist/long/{run}/metrics.json")
+
+
+def _references(method: str, rows: dict) -> tuple[str, str]:
+  """The naive and clean rows a row's gap is measured against: those of its step count."""
+  suffix = method[method.rindex("_"):] if re.search(r"_\d+$", method) else ""
+  if suffix and f"naive{suffix}" in rows and f"clean{suffix}" in rows:
+    return f"naive{suffix}", f"clean{suffix}"
+  return "naive", "clean"
+
+
 EM_RUNS = os.path.join(HERE, "em")
 INVERSE_TASK = {"denoise": "denoise", "inpaint": "inpaint", "blur": "deblur"}
 
@@ -184,13 +213,19 @@ def build(root: str) -> dict:
       row = _em_row(task, e_step)
       if row is not None:
         rows[f"em_{e_step}"] = row
+    for method in ("clean", "naive"):  # the references at the 6000-step rows' budget
+      row = _long_reference_row(task, method, 6000)
+      if row is not None:
+        rows[f"{method}_6000"] = row
     tasks[task] = rows
   for rows in tasks.values():
     for method, r in rows.items():
-      if method not in ("clean", "naive") and "naive" in rows and "clean" in rows \
+      naive, clean = _references(method, rows)
+      if method not in (naive, clean) and naive in rows and clean in rows \
           and r["fd_fmnist"] is not None:
-        r["gap_closed"] = round(gap_closed(rows["naive"]["fd_fmnist"], r["fd_fmnist"],
-                                           rows["clean"]["fd_fmnist"]), 4)
+        r["gap_closed"] = round(gap_closed(rows[naive]["fd_fmnist"], r["fd_fmnist"],
+                                           rows[clean]["fd_fmnist"]), 4)
+        r["gap_against"] = [naive, clean]
   out = {"tasks": tasks}
   if classical:
     out["classical"] = {t: {k: round(v["psnr"]["mean"], 3) for k, v in r.items()}
@@ -215,14 +250,10 @@ def markdown(results: dict) -> str:
               "| one posterior sample, PSNR (64 images) ↑ | posterior images/s "
               "| residual ratio | coverage 1σ / 2σ | wall (s) | source |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    fd = {m: r["fd_fmnist"] for m, r in rows.items()}
     for method, r in rows.items():
       cov = (f"{_fmt(r.get('coverage_1std'), 3)} / {_fmt(r.get('coverage_2std'), 3)}"
              if r.get("coverage_1std") is not None else "")
-      gap = ""
-      if method not in ("clean", "naive") and None not in (fd.get("naive"), fd.get("clean"),
-                                                           fd[method]):
-        gap = f"{gap_closed(fd['naive'], fd[method], fd['clean']):.0%}"
+      gap = f"{r['gap_closed']:.0%}" if "gap_closed" in r else ""
       lines.append(f"| {method} | {_fmt(r['fd_fmnist'])} | {gap} | "
                    f"{_fmt(r['psnr_posterior_mean'])} | "
                    f"{_fmt(r.get('psnr_posterior_sample_64'))} | "
