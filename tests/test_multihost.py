@@ -110,6 +110,9 @@ def test_tpu_pod_dry_run_prints_the_gcloud_steps_and_every_workers_command():
   refused = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "t", "z",
                             "b", "--workdir=/tmp/x"], capture_output=True, text=True)
   assert refused.returncode == 2 and "sets --workdir" in refused.stderr
+  refused = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "t", "z",
+                            "b"], capture_output=True, text=True)
+  assert refused.returncode == 2 and "needs --config" in refused.stderr
 
 
 # --- Two real processes through the SLURM recipe ----------------------------------------

@@ -39,8 +39,12 @@ shift 3
 for flag in "$@"; do
   case "$flag" in --workdir=*) echo "tpu_pod.sh sets --workdir (gs://$bucket/\$RUN)." >&2; exit 2 ;; esac
 done
-config=configs/cifar_noise.py
+config=""
 for flag in "$@"; do case "$flag" in --config=*) config=${flag#--config=} ;; esac; done
+if [ -z "$config" ]; then
+  echo "tpu_pod.sh needs --config=... (it also names the run's folder in the bucket)." >&2
+  exit 2
+fi
 run=${RUN:-$(basename "${config%%:*}" .py)}
 repo_url=${REPO_URL:-$(git -C "$HERE" remote get-url origin 2>/dev/null || echo "<REPO_URL>")}
 dir=${REPO_DIR:-flowdiff_jax}
