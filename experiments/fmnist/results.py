@@ -221,7 +221,7 @@ def build(root: str) -> dict:
   for rows in tasks.values():
     for method, r in rows.items():
       naive, clean = _references(method, rows)
-      if method not in (naive, clean) and naive in rows and clean in rows \
+      if not re.fullmatch(r"(clean|naive)(_\d+)?", method) and naive in rows and clean in rows \
           and r["fd_fmnist"] is not None:
         r["gap_closed"] = round(gap_closed(rows[naive]["fd_fmnist"], r["fd_fmnist"],
                                            rows[clean]["fd_fmnist"]), 4)
