@@ -14,9 +14,10 @@ being `config.method` names (a variant gets its own key). Sources:
   named after the task.
 * flowdiff_warm_start: experiments/fmnist/warm_start/<task>_flowdiff_warm/
   metrics.json, the evaluation of run_warm.sh's runs copied from their
-  workdirs (with wall_times.txt). flowdiff_warm_start_6000: the same, trained
-  6000 steps (STEPS=6000 run_warm.sh; warm_start/<task>_flowdiff_warm_6000/),
-  about the wall time of the em_mmps rows on this machine.
+  workdirs (with wall_times.txt). flowdiff_warm_start_6000 / _4000: the same,
+  trained 6000 (denoise, blur) / 4000 (inpaint) steps (STEPS=... run_warm.sh;
+  warm_start/<task>_flowdiff_warm_<steps>/), about the wall time of the em_mmps
+  rows on this machine.
 * em_mmps / em_dps: experiments/fmnist/em/<task>_em_<e_step>/metrics.json
   (the evaluation of run_em.sh's runs) and inverse.json (the E-step's
   sampler restoring the first 64 test observations under the final prior),
@@ -148,12 +149,15 @@ def _long_reference_row(task: str, method: str, steps: int) -> dict | None:
               source=f"experiments/fmnist/long/{run}/metrics.json")
 
 
-def _references(method: str, rows: dict) -> tuple[str, str]:
-  """The naive and clean rows a row's gap is measured against: those of its step count."""
+def _references(method: str, rows: dict) -> tuple[str, str] | None:
+  """The naive and clean rows a row's gap is measured against: those of its step count
+  (None for a row of other steps than 2000 without references of its own)."""
   suffix = method[method.rindex("_"):] if re.search(r"_\d+$", method) else ""
-  if suffix and f"naive{suffix}" in rows and f"clean{suffix}" in rows:
+  if not suffix:
+    return "naive", "clean"
+  if f"naive{suffix}" in rows and f"clean{suffix}" in rows:
     return f"naive{suffix}", f"clean{suffix}"
-  return "naive", "clean"
+  return None
 
 
 EM_RUNS = os.path.join(HERE, "em")
@@ -205,7 +209,8 @@ def build(root: str) -> dict:
           settings=g["settings"], source="experiments/gaussian_em/results.json")
     # 2000 steps, and the same run trained for about the em_mmps rows' wall time
     # (budget (a) of issue 18).
-    for steps, key in ((2000, "flowdiff_warm_start"), (6000, "flowdiff_warm_start_6000")):
+    for steps, key in ((2000, "flowdiff_warm_start"), (4000, "flowdiff_warm_start_4000"),
+                       (6000, "flowdiff_warm_start_6000")):
       warm = _warm_start_row(task, steps)
       if warm is not None:
         rows[key] = warm
@@ -220,8 +225,10 @@ def build(root: str) -> dict:
     tasks[task] = rows
   for rows in tasks.values():
     for method, r in rows.items():
+      if re.fullmatch(r"(clean|naive)(_\d+)?", method) or _references(method, rows) is None:
+        continue
       naive, clean = _references(method, rows)
-      if not re.fullmatch(r"(clean|naive)(_\d+)?", method) and naive in rows and clean in rows \
+      if naive in rows and clean in rows \
           and r["fd_fmnist"] is not None:
         r["gap_closed"] = round(gap_closed(rows[naive]["fd_fmnist"], r["fd_fmnist"],
                                            rows[clean]["fd_fmnist"]), 4)
