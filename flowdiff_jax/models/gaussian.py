@@ -7,7 +7,8 @@ C_t = alpha_t^2 Sigma + sigma_t^2 I, and the optimal epsilon prediction is
 
 `GaussianScore` learns mu and Sigma, so its family contains the true score of
 Gaussian data (docs/design.md §2.8): the oracle for tests and experiments on that
-problem. It does a D x D Cholesky per example (D = H*W*C), so D must be small.
+problem. It does one D x D eigendecomposition per call (D = H*W*C; every t of
+the batch shares it), so D must be moderate (16x16 images are fine).
 """
 
 from __future__ import annotations
@@ -49,38 +50,53 @@ def params_from_mean_and_covariance(mean: jax.Array, covariance: jax.Array) -> d
   return {"mean": jnp.asarray(mean, jnp.float32), "scale_tril_raw": raw}
 
 
-def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
-  """A⁻¹ b for SPD A [B, D, D] and b [B, D], by Cholesky in plain JAX ops.
+@jax.custom_vjp
+def resolvent_solve(cov: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                    r: jax.Array) -> jax.Array:
+  """(α_b² Σ + σ_b² I)⁻¹ r_b for every example b: cov Σ [D, D] (symmetric PSD),
+  alpha, sigma [B], r [B, D] -> [B, D].
 
-  Not jnp.linalg.cholesky: jaxlib's batched LAPACK kernels split the batch
-  over XLA's intra-op thread pool and wait for it from inside that pool; with
-  several such ops in flight on a 2-thread pool (two devices, or two
-  concurrent thunks) every thread waits and the program deadlocks (seen with
-  jaxlib 0.10.2). D is small here, so column-by-column loops cost nothing.
+  One eigendecomposition Σ = U diag(λ) Uᵀ serves every t in the batch:
+  C_b⁻¹ = U diag(1 / (α_b² λ + σ_b²)) Uᵀ, so a step costs one D×D eigh and
+  two [B, D] × [D, D] products instead of a D×D Cholesky per example (which
+  made D = 256, 16×16 images, impractical). The gradient is not taken through
+  the eigenvectors (ill-defined where eigenvalues repeat, as at the init
+  Σ = I) but from the resolvent's own derivative, d(C⁻¹) = −C⁻¹ dC C⁻¹:
+  with v = C⁻¹ r and w = C⁻¹ g for the cotangent g,
+    ∂Σ = −Σ_b α_b² (w_b v_bᵀ + v_b w_bᵀ) / 2,  ∂r = w,
+    ∂α_b = −2 α_b w_bᵀ Σ v_b,  ∂σ_b = −2 σ_b w_bᵀ v_b.
   """
-  d = a.shape[-1]
-  idx = jnp.arange(d)
+  return _resolvent_fwd(cov, alpha, sigma, r)[0]
 
-  def column(j, low):
-    row = low[:, j, :]                                   # L[j, :j] (zeros beyond)
-    diag = jnp.sqrt(a[:, j, j] - jnp.sum(row * row, axis=-1))
-    col = (a[:, :, j] - jnp.einsum("bik,bk->bi", low, row)) / diag[:, None]
-    col = jnp.where(idx > j, col, jnp.where(idx == j, diag[:, None], 0.0))
-    return low.at[:, :, j].set(col)
 
-  low = jax.lax.fori_loop(0, d, column, jnp.zeros_like(a))
+def _apply_inverse(lam, vec, alpha, sigma, r):
+  """C_b⁻¹ r_b from Σ's eigenpairs (λ [D], U [D, D])."""
+  inv = 1.0 / ((alpha**2)[:, None] * lam[None, :] + (sigma**2)[:, None])
+  return jnp.matmul(inv * jnp.matmul(r, vec, precision=_PRECISION), vec.T, precision=_PRECISION)
 
-  def forward(j, y):   # L y = b
-    y_j = (b[:, j] - jnp.sum(low[:, j, :] * y, axis=-1)) / low[:, j, j]
-    return y.at[:, j].set(y_j)
 
-  def backward(i, x):  # Lᵀ x = y, from the last row up
-    j = d - 1 - i
-    x_j = (y[:, j] - jnp.sum(low[:, :, j] * x, axis=-1)) / low[:, j, j]
-    return x.at[:, j].set(x_j)
+def _resolvent_fwd(cov, alpha, sigma, r):
+  # The eigenvalues of a PSD matrix; float32 rounding can make the smallest
+  # slightly negative, which C_t's σ² I then dominates.
+  lam, vec = jnp.linalg.eigh(cov)
+  lam = jnp.maximum(lam, 0.0)
+  v = _apply_inverse(lam, vec, alpha, sigma, r)
+  return v, (cov, lam, vec, alpha, sigma, v)
 
-  y = jax.lax.fori_loop(0, d, forward, jnp.zeros_like(b))
-  return jax.lax.fori_loop(0, d, backward, jnp.zeros_like(b))
+
+def _resolvent_bwd(res, g):
+  cov, lam, vec, alpha, sigma, v = res
+  w = _apply_inverse(lam, vec, alpha, sigma, g)
+  wa = w * (alpha**2)[:, None]
+  d_cov = -0.5 * (jnp.matmul(wa.T, v, precision=_PRECISION)
+                  + jnp.matmul(v.T, wa, precision=_PRECISION))
+  cov_v = jnp.matmul(v, cov, precision=_PRECISION)  # Σ is symmetric: (Σ v_b) as rows
+  d_alpha = -2.0 * alpha * jnp.sum(w * cov_v, axis=-1)
+  d_sigma = -2.0 * sigma * jnp.sum(w * v, axis=-1)
+  return d_cov, d_alpha, d_sigma, w
+
+
+resolvent_solve.defvjp(_resolvent_fwd, _resolvent_bwd)
 
 
 class GaussianScore(nn.Module):
@@ -113,7 +129,6 @@ class GaussianScore(nn.Module):
 
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     alpha, sigma = self.schedule.alpha_sigma(t)
-    c_t = (alpha**2)[:, None, None] * cov + (sigma**2)[:, None, None] * jnp.eye(dims)
     resid = x_t.reshape(batch, dims).astype(jnp.float32) - alpha[:, None] * mean.reshape(1, dims)
-    eps_hat = sigma[:, None] * _spd_solve(c_t, resid)
+    eps_hat = sigma[:, None] * resolvent_solve(cov, alpha, sigma, resid)
     return eps_hat.reshape(x_t.shape).astype(x_t.dtype)
