@@ -126,6 +126,25 @@ def diffusion_log_prob(eps_fn: diffusion.EpsFn, schedule: diffusion.VPSchedule, 
       time_sampling=time_sampling, gradient=gradient, axis_name=axis_name)
 
 
+def _handover_prior(gaussian_log_prob, diffusion_prior, weight):
+  """x -> (1 − w) gaussian_log_prob(x) + w diffusion_prior(x), skipping a zero-weight term.
+
+  The skip (lax.cond on the traced w) matters: while the fitted Gaussian is the
+  whole prior the diffusion bound would cost a U-Net pass and its gradient
+  every step for nothing. w is the same on every device, so every device takes
+  the same branch.
+  """
+  weight = jnp.asarray(weight, jnp.float32)
+
+  def log_prob(x):
+    zeros = jnp.zeros(x.shape[:1], jnp.float32)
+    diff = jax.lax.cond(weight > 0, lambda: weight * diffusion_prior(x), lambda: zeros)
+    gauss = jax.lax.cond(weight < 1, lambda: (1.0 - weight) * gaussian_log_prob(x),
+                         lambda: zeros)
+    return diff + gauss
+  return log_prob
+
+
 def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
                   make_eps_fn: Callable[[Any, bool], diffusion.EpsFn], score_params: Any,
                   schedule: diffusion.VPSchedule, rng: jax.Array, y: jax.Array, omega: dict,
@@ -133,7 +152,9 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
                   beta_prior: float | jax.Array = 1.0, beta_ent: float | jax.Array = 1.0,
                   residual: bool = True, num_time_samples: int = 1,
                   time_sampling: str = "log_snr", prior_gradient: str = "exact",
-                  x_hat: jax.Array | None = None, axis_name: str | None = None):
+                  x_hat: jax.Array | None = None,
+                  gaussian_log_prob: Callable[[jax.Array], jax.Array] | None = None,
+                  diffusion_weight: float | jax.Array = 1.0, axis_name: str | None = None):
   """The joint FlowDiff loss: L_flow(φ; sg θ) + L_DSM(θ; sg x), per dimension.
 
   Args:
@@ -150,6 +171,10 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
     beta_*, residual, x_hat: as in `amortized_flow_loss`.
     num_time_samples, time_sampling, prior_gradient: of the prior bound
       (`diffusion.nll_bound`'s num_time_samples, time_sampling, gradient).
+    gaussian_log_prob: x [N, H, W, C] -> log N(x; μ̂, Σ̂) [N] of a fitted
+      Gaussian, or None. When given, the flow's prior term is the mixture
+      (1 − w) log N + w (diffusion bound) with w = diffusion_weight (a scalar
+      in [0, 1], possibly traced); a term whose weight is 0 is not computed.
     axis_name: the mapped axis under shard_map/pmap, None under jit.
   Returns:
     (total, terms): terms has the flow's terms (`amortized_flow_loss`),
@@ -162,6 +187,8 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
   prior = diffusion_log_prob(frozen, schedule, prior_rng, num_time_samples=num_time_samples,
                              time_sampling=time_sampling, gradient=prior_gradient,
                              axis_name=axis_name)
+  if gaussian_log_prob is not None:
+    prior = _handover_prior(gaussian_log_prob, prior, diffusion_weight)
   flow_loss, terms, x = amortized_flow_loss(
       flow, flow_params, flow_rng, y, omega, op, prior, num_samples=num_samples,
       beta_data=beta_data, beta_prior=beta_prior, beta_ent=beta_ent, residual=residual,

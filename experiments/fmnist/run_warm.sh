@@ -12,8 +12,13 @@
 # STEPS=6000 bash ... trains 6000 steps instead (the run is named
 # <task>_flowdiff_warm_6000, key flowdiff_warm_start_6000): about the wall time
 # of the em_mmps rows on this machine, for the equal-wall-time comparison.
+# HANDOVER="G H" adds flowdiff's prior hand-over: the flow's prior term is the
+# fitted Gaussian for G steps, then moves to the diffusion prior over H steps
+# (flowdiff.gaussian_prior_steps / handover_steps, no β_prior warm-up); the run
+# is named <task>_flowdiff_handover[_<steps>], key flowdiff_handover[_<steps>].
 set -e
 STEPS=${STEPS:-2000}
+HANDOVER=${HANDOVER:-}
 PY=${1:-.venv/bin/python}
 ROOT=${2:-workdirs/fmnist}
 shift 2 || true
@@ -31,11 +36,19 @@ declare -A EM=(
   [blur]="--config.gaussian_em.rank=0 --config.gaussian_em.init_var=0.1 --config.gaussian_em.num_iters=64"
   [denoise]="--config.gaussian_em.rank=0 --config.gaussian_em.init_var=0.01 --config.gaussian_em.num_iters=16")
 mkdir -p $ROOT
+EXTRA=""
+NAME=flowdiff_warm
+if [ -n "$HANDOVER" ]; then
+  read -r HOLD RAMP <<< "$HANDOVER"
+  EXTRA="--config.flowdiff.gaussian_prior_steps=$HOLD --config.flowdiff.handover_steps=$RAMP \
+ --config.amortized.beta_prior_warmup_steps=0"
+  NAME=flowdiff_handover
+fi
 for task in $TASKS; do
-  run=${task}_flowdiff_warm
+  run=${task}_$NAME
   [ "$STEPS" = 2000 ] || run=${run}_$STEPS
   start=$(date +%s)
-  $PY -m flowdiff_jax.main --config=configs/${CONFIG[$task]}.py $COMMON ${EM[$task]} \
+  $PY -m flowdiff_jax.main --config=configs/${CONFIG[$task]}.py $COMMON ${EM[$task]} $EXTRA \
     --config.method=flowdiff --workdir=$ROOT/$run
   echo "$task ${run#${task}_}: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
   if [ ! -e $ROOT/$run/eval/metrics.json ]; then

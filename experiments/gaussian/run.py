@@ -1,25 +1,47 @@
-r"""The Gaussian oracle at a larger size than CI's: covariance error over training.
+r"""The Gaussian oracle: covariance error over training, method by method.
 
   python experiments/gaussian/run.py [--size 6] [--steps 4000] [--every 250] \
-      [--operators denoise,inpaint_random] [--out experiments/gaussian]
+      [--operators denoise,inpaint_random,blur] [--methods naive,flowdiff] \
+      [--measure samples|params] [--name results] [--out experiments/gaussian]
 
-For each operator, trains `naive` and `flowdiff` with the exact Gaussian
-ε-network (model.name="gaussian") on the same corrupted samples of N(μ, Σ)
-(size×size×1 images, σ_y = 0.2; inpainting drops half the pixels), and every
-`--every` steps measures ‖Ĉ − Σ‖_F/‖Σ‖_F of 4000 samples of the EMA prior
-(Heun, 100 steps). Writes results.json and covariance_error.png to --out.
+For each operator, trains each method with the exact Gaussian ε-network
+(model.name="gaussian") on the same corrupted samples of N(μ, Σ)
+(size×size×1 images, σ_y = 0.2; inpainting drops half the pixels; blur is a
+--blur_size² kernel of std --blur_std), and every `--every` steps measures
+‖Ĉ − Σ‖_F/‖Σ‖_F of the EMA prior: of 4000 of its samples (Heun, 100 steps;
+`--measure samples`), or of the covariance its parameters hold
+(`--measure params`: exact, no sampling error; the network is a Gaussian).
+Methods:
+
+  naive, flowdiff      the config methods, flow base A⁺y, β_prior warm-up.
+  flowdiff_handover    flowdiff with the Gaussian-EM warm start: flow base the
+                       posterior mean of N(μ̂, Σ̂) fitted by EM to the
+                       observations, the flow's prior term that Gaussian for
+                       --hold steps, handed over to the diffusion prior over
+                       --handover steps (no β_prior warm-up). The fit's time
+                       counts in its wall time.
+  gaussian_em          the EM fit alone (--em_iters iterations; dense Σ for
+                       denoise/blur, rank --em_rank for masks): its Σ̂'s error.
+
+Writes NAME.json and NAME.png (covariance_error.png for the default name) to --out.
 """
 
 import argparse
+import datetime
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
-from flowdiff_jax import oracle, step as step_lib
+from flowdiff_jax import gaussian_em, operators, oracle, reporting, step as step_lib
 from flowdiff_jax.configs import default
+from flowdiff_jax.methods import base
+from flowdiff_jax.models import gaussian
+
+METHODS = ("naive", "flowdiff", "flowdiff_handover", "gaussian_em")
 
 
 def make_config(method: str, operator: str, steps: int):
@@ -35,13 +57,45 @@ def make_config(method: str, operator: str, steps: int):
   return config
 
 
+def method_config(method: str, operator: str, args):
+  """make_config, with the blur kernel, and for flowdiff_handover its warm start."""
+  config = make_config("flowdiff" if method == "flowdiff_handover" else method, operator,
+                       args.steps)
+  config.operator.update(kernel_size=args.blur_size, kernel_std=args.blur_std)
+  per_example = operator not in ("denoise", "blur")
+  config.gaussian_em.update(rank=args.em_rank if per_example else 0, num_iters=args.em_iters,
+                            init_var=0.1)
+  if method == "flowdiff_handover":
+    config.flow.base = "gaussian_em"
+    config.flowdiff.update(gaussian_prior_steps=args.hold, handover_steps=args.handover)
+    config.amortized.beta_prior_warmup_steps = 0
+  return config
+
+
+def ema_covariance(state, shape, measure: str) -> np.ndarray:
+  if measure == "params":
+    _, cov = gaussian.mean_and_covariance(state.ema_params["score"])
+    return np.asarray(cov, np.float64)
+  return oracle.prior_covariance(state, shape)
+
+
 def run(method, operator, args, mu, sigma):
-  config = make_config(method, operator, args.steps)
+  config = method_config(method, operator, args)
   _, data = oracle.corrupted_data(config, mu, sigma, args.examples)
+  if method == "gaussian_em":
+    op = operators.make_operator(config.operator)
+    fit = gaussian_em.fit(op, data["y"], data["omega"], num_iters=args.em_iters,
+                          rank=config.gaussian_em.rank or None, init_var=0.1,
+                          final_loglik=False)
+    err = oracle.relative_error(np.asarray(fit.covariance(), np.float64), sigma)
+    print(f"{operator:15s} {method:17s} {args.em_iters} iterations: error {err:.3f}", flush=True)
+    return [(0, err)]
   n = data["y"].shape[0]
   order = np.random.default_rng(0)
   take = lambda idx: jax.tree.map(lambda a: a[idx], data)
-  state = step_lib.create_train_state(config, jax.random.key(0), take(np.arange(256)))
+  fitted = base.fit_flow_base(config, lambda _: (data["y"], data["omega"]))
+  state = step_lib.create_train_state(config, jax.random.key(0), take(np.arange(256)),
+                                      fitted_params=fitted)
   step_fn = jax.jit(step_lib.train_step, donate_argnums=0)
   rng = jax.random.key(1)
   shape = (args.size, args.size, 1)
@@ -49,9 +103,9 @@ def run(method, operator, args, mu, sigma):
   for i in range(1, args.steps + 1):
     state, _ = step_fn(state, take(order.integers(0, n, config.training.batch_size)), rng)
     if i % args.every == 0:
-      err = oracle.relative_error(oracle.prior_covariance(state, shape), sigma)
+      err = oracle.relative_error(ema_covariance(state, shape, args.measure), sigma)
       curve.append((i, err))
-      print(f"{operator:15s} {method:9s} step {i:6d}: covariance error {err:.3f}", flush=True)
+      print(f"{operator:15s} {method:17s} step {i:6d}: covariance error {err:.3f}", flush=True)
   return curve
 
 
@@ -62,35 +116,55 @@ def main():
   parser.add_argument("--every", type=int, default=250)
   parser.add_argument("--examples", type=int, default=8192)
   parser.add_argument("--operators", default="denoise,inpaint_random")
+  parser.add_argument("--methods", default="naive,flowdiff")
+  parser.add_argument("--measure", choices=("samples", "params"), default="samples")
+  parser.add_argument("--blur_size", type=int, default=5)
+  parser.add_argument("--blur_std", type=float, default=1.0)
+  parser.add_argument("--em_iters", type=int, default=64)
+  parser.add_argument("--em_rank", type=int, default=64)
+  parser.add_argument("--hold", type=int, default=1000)
+  parser.add_argument("--handover", type=int, default=1000)
+  parser.add_argument("--name", default="results")
   parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
   args = parser.parse_args()
+  methods = args.methods.split(",")
+  if set(methods) - set(METHODS):
+    parser.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; allowed {METHODS}")
   jax.config.update("jax_threefry_partitionable", True)
   mu, sigma = oracle.gaussian_problem(args.size)
   # Paths relative to the working directory, not this machine's absolute ones.
-  results = {"args": {**vars(args), "out": os.path.relpath(args.out)}, "curves": {},
+  results = {"date": datetime.date.today().isoformat(), "hardware": reporting.hardware(),
+             "command": " ".join(["python", *sys.argv]),
+             "args": {**vars(args), "out": os.path.relpath(args.out)}, "curves": {},
              "wall_s": {}}
-  for operator in args.operators.split(","):
-    for method in ("naive", "flowdiff"):
+  path = os.path.join(args.out, f"{args.name}.json")
+  operators_ = args.operators.split(",")
+  for operator in operators_:
+    for method in methods:
       start = time.time()
       results["curves"][f"{operator}/{method}"] = run(method, operator, args, mu, sigma)
       results["wall_s"][f"{operator}/{method}"] = round(time.time() - start, 1)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+      with open(path, "w") as f:  # after every run: a long sweep shows its progress
+        json.dump(results, f, indent=1)
 
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  operators = args.operators.split(",")
-  fig, axes = plt.subplots(1, len(operators), figsize=(5 * len(operators), 3.6), squeeze=False)
-  for ax, operator in zip(axes[0], operators):
-    for method in ("naive", "flowdiff"):
+  fig, axes = plt.subplots(1, len(operators_), figsize=(5 * len(operators_), 3.6),
+                           squeeze=False)
+  for ax, operator in zip(axes[0], operators_):
+    for method in methods:
       steps, errs = zip(*results["curves"][f"{operator}/{method}"])
-      ax.plot(steps, errs, marker="o", ms=3, label=method)
+      if method == "gaussian_em":
+        ax.axhline(errs[0], color="k", ls="--", lw=1, label="gaussian_em (fit)")
+      else:
+        ax.plot(steps, errs, marker="o", ms=3, label=method)
     ax.set(title=f"{operator}, {args.size}x{args.size}, σ_y = 0.2", xlabel="step",
            ylabel="‖Ĉ − Σ‖_F / ‖Σ‖_F", ylim=(0, None))
     ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "covariance_error.png"), dpi=120)
+  png = "covariance_error.png" if args.name == "results" else f"{args.name}.png"
+  fig.savefig(os.path.join(args.out, png), dpi=120)
 
 
 if __name__ == "__main__":

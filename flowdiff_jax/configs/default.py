@@ -264,6 +264,14 @@ def get_config() -> ml_collections.ConfigDict:
   # consecutive steps are averaged into one update (optax.MultiSteps); its
   # optimiser settings are `optim`, the flow's `flow_optim`.
   fd.flow_updates_per_score_update = 1
+  # The prior hand-over (needs flow.base="gaussian_em"): for the first
+  # gaussian_prior_steps steps the flow's prior term is the log-density of the
+  # Gaussian fitted by EM to the observations, not the (still untrained)
+  # diffusion prior, so the flow's samples, on which the score network trains,
+  # are never drawn against a wide prior; then it moves linearly to the
+  # diffusion prior over handover_steps. Both 0: the diffusion prior throughout.
+  fd.gaussian_prior_steps = 0
+  fd.handover_steps = 0
 
   # --- Training loop --------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()

@@ -68,6 +68,11 @@ class Objective:
     flow_base: the flow's restoration x̂₀(y) (conditioning image and residual
       base): "pinv" (A⁺y) or "gaussian_em" (the posterior mean of a Gaussian
       fitted to the training observations, held in params["gaussian_em"]).
+    gaussian_prior_steps, handover_steps: "flowdiff" only: the flow's prior
+      term is the fitted Gaussian's log-density (params["gaussian_em_prior"])
+      for the first gaussian_prior_steps steps, then moves linearly to the
+      diffusion prior's bound over handover_steps (`prior_handover`); both 0:
+      the diffusion prior throughout.
   """
   method: str
   schedule: diffusion.VPSchedule
@@ -88,6 +93,27 @@ class Objective:
   prior_gradient: str = "exact"
   residual: bool = True
   flow_base: str = "pinv"
+  gaussian_prior_steps: int = 0
+  handover_steps: int = 0
+
+  @property
+  def gaussian_prior(self) -> bool:
+    """Whether the flow's prior term starts as the fitted Gaussian (the hand-over)."""
+    return self.gaussian_prior_steps + self.handover_steps > 0
+
+  def prior_handover(self, step: jax.Array) -> jax.Array:
+    """The diffusion prior's weight w in the flow's prior term at `step`, in [0, 1].
+
+    log p(x) = (1 − w) log N(x; μ̂, Σ̂) + w (diffusion bound): 0 for the first
+    gaussian_prior_steps steps, then rising linearly to 1 over handover_steps.
+    """
+    if not self.gaussian_prior:
+      return jnp.float32(1.0)
+    if not self.handover_steps:
+      return jnp.where(step < self.gaussian_prior_steps, 0.0, 1.0).astype(jnp.float32)
+    ramp = optax.linear_schedule(0.0, 1.0, self.handover_steps,
+                                 transition_begin=self.gaussian_prior_steps)
+    return jnp.asarray(ramp(step), jnp.float32)
 
   def loss_weights(self, step: jax.Array) -> dict[str, jax.Array]:
     """β_data, β_prior, β_ent at `step` (the number of updates applied so far)."""
@@ -299,13 +325,23 @@ def flow_objective(obj: Objective, config: ml_collections.ConfigDict, prior: str
 # The flow's restoration x̂₀(y), and its Gaussian-EM warm start.
 # ----------------------------------------------------------------------------
 
-# config.flow.base values; the params key of the fitted Gaussian restorer.
+# config.flow.base values; the params keys of the fitted Gaussian's restorer and
+# of its log-density (flowdiff's prior hand-over).
 FLOW_BASES = ("pinv", "gaussian_em")
 GAUSSIAN_KEY = "gaussian_em"
+GAUSSIAN_PRIOR_KEY = "gaussian_em_prior"
 
 
 def _gaussian_base(config: ml_collections.ConfigDict) -> bool:
   return config.flow.get("base", "pinv") == "gaussian_em"
+
+
+def _gaussian_handover(config: ml_collections.ConfigDict) -> bool:
+  """flowdiff's prior term starts as the fitted Gaussian (flowdiff.gaussian_prior_steps /
+  handover_steps)."""
+  fd = config.get("flowdiff", {})
+  return config.method == "flowdiff" and (fd.get("gaussian_prior_steps", 0)
+                                          + fd.get("handover_steps", 0)) > 0
 
 
 def validate_flow_base(config: ml_collections.ConfigDict) -> None:
@@ -334,14 +370,18 @@ def flow_base_shapes(config: ml_collections.ConfigDict,
   if not _gaussian_base(config):
     return None
   op = operators.make_operator(config.operator)
-  return {GAUSSIAN_KEY: gaussian_em.restorer_shapes(op, image_shape,
-                                                    int(config.gaussian_em.rank) or None)}
+  rank = int(config.gaussian_em.rank) or None
+  shapes = {GAUSSIAN_KEY: gaussian_em.restorer_shapes(op, image_shape, rank)}
+  if _gaussian_handover(config):
+    shapes[GAUSSIAN_PRIOR_KEY] = gaussian_em.log_density_shapes(image_shape, rank)
+  return shapes
 
 
 def fit_flow_base(config: ml_collections.ConfigDict,
                   observations: Callable[[int], tuple[jax.Array, Any]],
                   mesh: jax.sharding.Mesh | None = None) -> dict[str, Any] | None:
-  """{"gaussian_em": restorer params} of N(μ, Σ) fitted by EM to the observations."""
+  """{"gaussian_em": restorer params} of N(μ, Σ) fitted by EM to the observations,
+  and {"gaussian_em_prior": its log-density's params} for flowdiff's prior hand-over."""
   if not _gaussian_base(config):
     return None
   gem = config.gaussian_em
@@ -350,12 +390,18 @@ def fit_flow_base(config: ml_collections.ConfigDict,
   fit = gaussian_em.fit(op, y, omega, num_iters=int(gem.num_iters), rank=int(gem.rank) or None,
                         init_var=float(gem.init_var), batch_size=int(gem.batch_size),
                         mesh=mesh, seed=int(config.seed))
-  return {GAUSSIAN_KEY: gaussian_em.restorer(fit, op)}
+  fitted = {GAUSSIAN_KEY: gaussian_em.restorer(fit, op)}
+  if _gaussian_handover(config):
+    fitted[GAUSSIAN_PRIOR_KEY] = gaussian_em.log_density_params(fit)
+  return fitted
 
 
 def frozen_transforms(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Optimiser labels of the fitted params: never updated."""
-  return {GAUSSIAN_KEY: optax.set_to_zero()} if _gaussian_base(config) else {}
+  frozen = {GAUSSIAN_KEY: optax.set_to_zero()} if _gaussian_base(config) else {}
+  if _gaussian_handover(config):
+    frozen[GAUSSIAN_PRIOR_KEY] = optax.set_to_zero()
+  return frozen
 
 
 def flow_estimate(obj: Objective, params: dict[str, Any], y: jax.Array, omega) -> jax.Array:

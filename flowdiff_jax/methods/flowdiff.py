@@ -7,13 +7,14 @@ network's DSM on the flow's samples the M-step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
-from flowdiff_jax import configcheck, losses
+from flowdiff_jax import configcheck, gaussian_em, losses
 from flowdiff_jax.methods import base
 
 
@@ -26,9 +27,21 @@ class FlowDiff(base.Method):
   def validate(self, config: ml_collections.ConfigDict) -> None:
     configcheck.positive(config, "flowdiff.flow_updates_per_score_update", integer=True)
     base.validate_flow_base(config)
+    for field in ("gaussian_prior_steps", "handover_steps"):
+      value = config.flowdiff.get(field, 0)
+      if not isinstance(value, int) or value < 0:
+        configcheck.fail(f"flowdiff.{field}", value, "must be an integer >= 0")
+    if (config.flowdiff.get("gaussian_prior_steps", 0) + config.flowdiff.get("handover_steps", 0)
+        and config.flow.get("base", "pinv") != "gaussian_em"):
+      configcheck.fail("flowdiff.gaussian_prior_steps", config.flowdiff.gaussian_prior_steps,
+                       "the prior hand-over starts from the Gaussian fitted for "
+                       "flow.base='gaussian_em'; set that too, or both steps to 0")
 
   def objective(self, config, channels, prior_config=None) -> base.Objective:
-    return base.flow_objective(base.base_objective(config, channels), config, prior="diffusion")
+    obj = base.flow_objective(base.base_objective(config, channels), config, prior="diffusion")
+    fd = config.flowdiff
+    return dataclasses.replace(obj, gaussian_prior_steps=int(fd.get("gaussian_prior_steps", 0)),
+                               handover_steps=int(fd.get("handover_steps", 0)))
 
   def init_params(self, obj, config, rng, batch, prior_params=None,
                   fitted_params=None) -> dict[str, Any]:
@@ -53,19 +66,26 @@ class FlowDiff(base.Method):
   def loss_fn(self, obj, batch, step, rng, axis_name=None) -> base.LossFn:
     loss_rng, dropout_rng = jax.random.split(rng)
     weights = obj.loss_weights(step)
+    diffusion_weight = obj.prior_handover(step)
 
     def make_eps_fn(score_params, train):
       return base.eps_fn(obj, score_params, train=train, dropout_rng=dropout_rng)
 
     def loss_fn(params):
       x_hat = base.flow_estimate(obj, params, batch["y"], batch["omega"])
+      handover, extra = {}, {}
+      if obj.gaussian_prior:
+        fitted = jax.lax.stop_gradient(params[base.GAUSSIAN_PRIOR_KEY])
+        handover = {"gaussian_log_prob": lambda x: gaussian_em.log_density(fitted, x),
+                    "diffusion_weight": diffusion_weight}
+        extra = {"diffusion_weight": diffusion_weight}
       loss, terms = losses.flowdiff_loss(
           obj.flow, params["flow"], make_eps_fn, params["score"], obj.schedule, loss_rng,
           batch["y"], batch["omega"], obj.operator, num_samples=obj.num_flow_samples,
           residual=obj.residual, num_time_samples=obj.num_time_samples,
           time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient, x_hat=x_hat,
-          axis_name=axis_name, **weights)
-      return loss, {**terms, **weights}
+          axis_name=axis_name, **weights, **handover)
+      return loss, {**terms, **weights, **extra}
     return loss_fn
 
   def grad_metrics(self, grads) -> base.Metrics:
