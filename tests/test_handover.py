@@ -18,7 +18,6 @@ from scipy import stats
 from flowdiff_jax import gaussian_em, losses, operators, step as step_lib
 from flowdiff_jax.configs import tiny
 from flowdiff_jax.methods import base
-from flowdiff_jax.models import flow as flow_lib
 from flowdiff_jax.validate import ConfigError, validate_config
 
 
