@@ -17,7 +17,8 @@ being `config.method` names (a variant gets its own key). Sources:
   workdirs (with wall_times.txt). flowdiff_warm_start_6000 / _4000: the same,
   trained 6000 (denoise, blur) / 4000 (inpaint) steps (STEPS=... run_warm.sh;
   warm_start/<task>_flowdiff_warm_<steps>/), about the wall time of the em_mmps
-  rows on this machine.
+  rows on this machine. flowdiff_handover: run_warm.sh's runs with the prior
+  hand-over (HANDOVER="500 1000"), in warm_start/<task>_flowdiff_handover/.
 * em_mmps / em_dps: experiments/fmnist/em/<task>_em_<e_step>/metrics.json
   (the evaluation of run_em.sh's runs) and inverse.json (the E-step's
   sampler restoring the first 64 test observations under the final prior),
@@ -108,10 +109,11 @@ def _wall_times(path: str) -> dict[str, int]:
   return out
 
 
-def _warm_start_row(task: str, steps: int = 2000) -> dict | None:
-  """run_warm.sh's run of `steps` training steps (named with the steps unless 2000)."""
+def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm") -> dict | None:
+  """run_warm.sh's run of `steps` training steps (named with the steps unless 2000);
+  name "flowdiff_handover" for its runs with HANDOVER=... ."""
   folder = os.path.join(HERE, "warm_start")
-  run = "flowdiff_warm" if steps == 2000 else f"flowdiff_warm_{steps}"
+  run = name if steps == 2000 else f"{name}_{steps}"
   m = _read_json(os.path.join(folder, f"{task}_{run}", "metrics.json"))
   if m is None:
     return None
@@ -214,6 +216,9 @@ def build(root: str) -> dict:
       warm = _warm_start_row(task, steps)
       if warm is not None:
         rows[key] = warm
+    handover = _warm_start_row(task, 2000, "flowdiff_handover")
+    if handover is not None:
+      rows["flowdiff_handover"] = handover
     for e_step in ("mmps", "dps"):
       row = _em_row(task, e_step)
       if row is not None:
