@@ -270,8 +270,8 @@ def get_config() -> ml_collections.ConfigDict:
   # diffusion prior, so the flow's samples, on which the score network trains,
   # are never drawn against a wide prior; then it moves linearly to the
   # diffusion prior over handover_steps. Both 0: the diffusion prior throughout.
-  fd.gaussian_prior_steps = 0
-  fd.handover_steps = 0
+  fd.gaussian_prior_steps = 0  # steps with the fitted Gaussian as the whole prior term
+  fd.handover_steps = 0  # then the linear move to the diffusion prior
 
   # --- Training loop --------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()
