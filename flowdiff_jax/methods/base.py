@@ -336,7 +336,7 @@ def _gaussian_base(config: ml_collections.ConfigDict) -> bool:
   return config.flow.get("base", "pinv") == "gaussian_em"
 
 
-def _gaussian_handover(config: ml_collections.ConfigDict) -> bool:
+def gaussian_handover(config: ml_collections.ConfigDict) -> bool:
   """flowdiff's prior term starts as the fitted Gaussian (flowdiff.gaussian_prior_steps /
   handover_steps)."""
   fd = config.get("flowdiff", {})
@@ -372,7 +372,7 @@ def flow_base_shapes(config: ml_collections.ConfigDict,
   op = operators.make_operator(config.operator)
   rank = int(config.gaussian_em.rank) or None
   shapes = {GAUSSIAN_KEY: gaussian_em.restorer_shapes(op, image_shape, rank)}
-  if _gaussian_handover(config):
+  if gaussian_handover(config):
     shapes[GAUSSIAN_PRIOR_KEY] = gaussian_em.log_density_shapes(image_shape, rank)
   return shapes
 
@@ -391,7 +391,7 @@ def fit_flow_base(config: ml_collections.ConfigDict,
                         init_var=float(gem.init_var), batch_size=int(gem.batch_size),
                         mesh=mesh, seed=int(config.seed))
   fitted = {GAUSSIAN_KEY: gaussian_em.restorer(fit, op)}
-  if _gaussian_handover(config):
+  if gaussian_handover(config):
     fitted[GAUSSIAN_PRIOR_KEY] = gaussian_em.log_density_params(fit)
   return fitted
 
@@ -399,7 +399,7 @@ def fit_flow_base(config: ml_collections.ConfigDict,
 def frozen_transforms(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Optimiser labels of the fitted params: never updated."""
   frozen = {GAUSSIAN_KEY: optax.set_to_zero()} if _gaussian_base(config) else {}
-  if _gaussian_handover(config):
+  if gaussian_handover(config):
     frozen[GAUSSIAN_PRIOR_KEY] = optax.set_to_zero()
   return frozen
 

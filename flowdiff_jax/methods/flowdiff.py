@@ -31,8 +31,7 @@ class FlowDiff(base.Method):
       value = config.flowdiff.get(field, 0)
       if not isinstance(value, int) or value < 0:
         configcheck.fail(f"flowdiff.{field}", value, "must be an integer >= 0")
-    if (config.flowdiff.get("gaussian_prior_steps", 0) + config.flowdiff.get("handover_steps", 0)
-        and config.flow.get("base", "pinv") != "gaussian_em"):
+    if base.gaussian_handover(config) and config.flow.get("base", "pinv") != "gaussian_em":
       configcheck.fail("flowdiff.gaussian_prior_steps", config.flowdiff.gaussian_prior_steps,
                        "the prior hand-over starts from the Gaussian fitted for "
                        "flow.base='gaussian_em'; set that too, or both steps to 0")
