@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flowdiff_jax import paths
 from flowdiff_jax.step import TrainState
 
 # Config fields that may differ between a run and the checkpoint it resumes.
@@ -50,7 +51,7 @@ RESUMABLE_FIELDS = (
     "training.num_train_steps", "training.log_every_steps", "training.eval_every_steps",
     "training.sample_every_steps", "training.checkpoint_every_steps",
     "training.keep_checkpoints", "training.max_consecutive_nonfinite_steps",
-    "training.profile_steps",
+    "training.profile_steps", "training.tensorboard",
     "data.data_dir", "data.read_threads", "data.num_eval_examples", "data.reference_path",
     "amortized.eval_num_samples", "eval.*")
 
@@ -68,8 +69,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
   """A CheckpointManager over `workdir/checkpoints` keeping training.keep_checkpoints."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.training.keep_checkpoints,
                                          create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", options=options)
 
 
 def saved_arrays(state: TrainState) -> dict:
@@ -258,8 +258,8 @@ def _on_every_process(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _corrupt_root(directory: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(directory)), CORRUPT_DIR)
+def _corrupt_root(directory: str) -> epath.Path:
+  return paths.resolve(directory).parent / CORRUPT_DIR
 
 
 def _set_aside(directory: str, names: list[str]) -> list[str]:
@@ -270,15 +270,28 @@ def _set_aside(directory: str, names: list[str]) -> list[str]:
   _sync("flowdiff_before_set_aside")  # every process has listed `directory`
   root, moved = _corrupt_root(directory), []
   for name in names:
-    dest, n = os.path.join(root, name), 1
-    while os.path.exists(dest):  # the same step may go bad twice
-      dest, n = os.path.join(root, f"{name}.{n}"), n + 1
+    dest, n = root / name, 1
+    while dest.exists():  # the same step may go bad twice
+      dest, n = root / f"{name}.{n}", n + 1
     if jax.process_index() == 0:
-      os.makedirs(root, exist_ok=True)
-      shutil.move(os.path.join(directory, name), dest)
-    moved.append(dest)
+      root.mkdir(parents=True, exist_ok=True)
+      _move_tree(paths.resolve(directory) / name, dest)
+    moved.append(os.fspath(dest))
   _sync("flowdiff_after_set_aside")
   return moved
+
+
+def _move_tree(src: epath.Path, dest: epath.Path) -> None:
+  """Moves the folder `src` to `dest`: a rename on a local disk; on a bucket (no
+  folders, no renames of them) a copy of every file, then the delete."""
+  if not paths.is_uri(src):
+    shutil.move(os.fspath(src), os.fspath(dest))
+    return
+  for path in paths.files(src):
+    target = dest / path.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(path.read_bytes())
+  src.rmtree()
 
 
 def _sync(name: str) -> None:
@@ -294,8 +307,9 @@ def _set_aside_partial_saves(directory: str) -> list[int]:
   At start-up no save of this run is in flight, so such a folder is a save
   that was cut off (preemption, a full disk, a kill during the write).
   """
-  names = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if _TMP_MARK in name and name.split(".")[0].isdigit())
+  folder = paths.resolve(directory)
+  names = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else [])
+                 if _TMP_MARK in p.name and p.name.split(".")[0].isdigit())
   if not names:
     return []
   for name, where in zip(names, _set_aside(directory, names)):
@@ -429,8 +443,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
     IncompatibleCheckpointError: naming every differing field with both values,
       or both process counts.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  found = os.path.isdir(directory)
+  directory = os.path.join(paths.as_str(workdir), "checkpoints")
+  found = epath.Path(directory).is_dir()
   # Every process must take the same branch (the manager below has barriers), so
   # none may go on and create the directory (make_manager) before all have looked:
   # on a fresh workdir a slower process would otherwise see process 0's new
@@ -457,7 +471,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
 
 def read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:
   """(A manager that only reads `workdir`/checkpoints, that directory); close it when done."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = os.path.join(paths.as_str(workdir), "checkpoints")
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(),

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import dataclasses
 import datetime
 import functools
-import glob
+import io
 import math
 import os
 import sys
@@ -56,6 +56,7 @@ from flowdiff_jax import (
   methods,
   operators,
   parallel,
+  paths,
   reporting,
   runs,
   sampling,
@@ -356,8 +357,8 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   from tensorboard.util import tensor_util  # noqa: PLC0415
 
   series: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in event_file_loader.EventFileLoader(path).Load():
+  for path in sorted(paths.resolve(workdir).glob("events.out.tfevents.*")):
+    for event in event_file_loader.EventFileLoader(os.fspath(path)).Load():
       for value in event.summary.value:
         if value.HasField("tensor"):
           array = tensor_util.make_ndarray(value.tensor)
@@ -397,9 +398,10 @@ def plot_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], path: str, ti
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
   return True
 
 
@@ -493,8 +495,7 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
     The results dict written to metrics.json.
   """
   start = time.time()
-  output = opts.output or os.path.join(workdir, "eval")
-  os.makedirs(output, exist_ok=True)  # training_curves.png is written as soon as it is plotted
+  output = paths.as_str(opts.output or os.path.join(workdir, "eval"))
   mesh = parallel.make_mesh(jax.local_devices())
   config, state = runs.load_run(workdir, step=opts.step, sharding=parallel.replicated(mesh))
   if config.data.dataset not in data.DATASETS:
@@ -530,7 +531,7 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
     results["figures"].append("samples.png")
     logging.info("Generation: %s", results["generation"])
   if opts.curves:
-    title = f"{os.path.basename(os.path.abspath(workdir))} ({config.method})"
+    title = f"{paths.resolve(workdir).name} ({config.method})"
     if plot_curves(read_scalars(workdir), os.path.join(output, "training_curves.png"), title):
       results["figures"].append("training_curves.png")
 

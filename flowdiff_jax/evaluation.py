@@ -22,7 +22,6 @@ Images are float arrays in [-1, 1] unless a docstring says uint8.
 from __future__ import annotations
 
 from collections.abc import Callable
-import os
 
 import jax
 import jax.numpy as jnp
@@ -280,7 +279,6 @@ def image_grid(images: np.ndarray, num_cols: int | None = None, pad: int = 1) ->
 
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, creating folders as needed."""
-  from PIL import Image  # noqa: PLC0415 (only the writers need pillow)
+  from flowdiff_jax import paths  # noqa: PLC0415 (pillow, only for the writers)
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  paths.write_image(path, image)

@@ -52,6 +52,7 @@ from flowdiff_jax import (
   methods,
   operators,
   parallel,
+  paths,
   reporting,
   runs,
   sampling,
@@ -72,14 +73,7 @@ def _output_suffix(dtype: np.dtype, channels: int) -> str:
 
 def write_image(path: str, image: np.ndarray) -> None:
   """Writes [H, W, C] in its dtype: PNG (pillow) or TIFF (tifffile) by the path's suffix."""
-  if path.endswith(".tif"):
-    import tifffile  # noqa: PLC0415
-
-    tifffile.imwrite(path, image[..., 0] if image.shape[-1] == 1 else image)
-    return
-  from PIL import Image  # noqa: PLC0415
-
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  paths.write_image(path, image)
 
 
 def _restore_fn(state: step_lib.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
@@ -217,8 +211,7 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
     bar(start + keep)
   samples, mean, std, ratio, ratio_mean = (np.concatenate(parts) for parts in zip(*outputs))
 
-  output_dir = output_dir or os.path.join(workdir, "restored")
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = paths.as_str(output_dir or os.path.join(workdir, "restored"))
   lo, hi = m.value_range
   unit = (hi - lo) / 2.0  # file units per model unit
   from_model = functools.partial(measurements.from_model_units, value_range=m.value_range,
@@ -247,10 +240,10 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
       for j in range(save_samples):
         write_image(f"{base}_sample{j}{suffix}",
                     measurements.from_model_units(samples[i, j], m.value_range, m.dtype))
-  np.savez(npz_path, **arrays)
+  paths.write_npz(npz_path, **arrays)
 
   summary = {
-      "workdir": os.path.abspath(workdir), "step": int(jax.device_get(state.step)),
+      "workdir": paths.as_str(workdir), "step": int(jax.device_get(state.step)),
       "method": config.method, "data_path": m.path, "num_measurements": len(m),
       "num_samples": num_samples, "sampler": sampler,
       "solver": None if solver is None else {"name": solver.name, **dataclasses.asdict(solver)},
@@ -260,7 +253,7 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
       "residual_ratio_mean": float(np.mean(ratio_mean)),
       "posterior_std": float(np.mean(std)),  # [-1, 1] scale
       "posterior_std_file_units": float(np.mean(std_f)),
-      "std_full_scale": std_full_scale, "arrays": os.path.abspath(npz_path),
+      "std_full_scale": std_full_scale, "arrays": npz_path,
       "per_measurement": [{"name": n, "residual_ratio": float(r),
                            "posterior_std": float(s)}
                           for n, r, s in zip(m.names, ratio, std.reshape(len(m), -1).mean(1))],

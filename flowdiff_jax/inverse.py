@@ -41,6 +41,7 @@ from flowdiff_jax import (
   methods,
   operators,
   parallel,
+  paths,
   reporting,
   runs,
   sampling,
@@ -224,11 +225,8 @@ def collect_table(directory: str) -> str:
   """A Markdown table of every metrics.json under `directory`: a row per (prior, method),
   a PSNR / SSIM column pair per task. The observation row is shown once when
   every prior saw the same observations (same images and seeds)."""
-  reports = []
-  for root, _, files in sorted(os.walk(directory)):
-    if "metrics.json" in files:
-      with open(os.path.join(root, "metrics.json")) as f:
-        reports.append(json.load(f))
+  reports = [json.loads(path.read_text()) for path in paths.files(directory)
+             if path.name == "metrics.json"]
   tasks = [t for t in TASKS if any(r["task"] == t for r in reports)]
   cells: dict[tuple[str, str], dict[str, str]] = {}
   for r in reports:
@@ -327,9 +325,7 @@ def main(argv) -> None:
     table = collect_table(f.collect)
     print(table)
     if f.output_dir:
-      os.makedirs(f.output_dir, exist_ok=True)
-      with open(os.path.join(f.output_dir, "table.md"), "w") as out:
-        out.write(table)
+      paths.write_text(os.path.join(f.output_dir, "table.md"), table)
     return
   if f.workdir and f.data_path:
     restore_measurements(f)

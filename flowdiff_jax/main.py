@@ -143,12 +143,12 @@ def main(argv):
     pass
   initialize_distributed(_DISTRIBUTED.value)
 
-  from flowdiff_jax import checkpoint, train  # noqa: PLC0415 (after jax.distributed)
+  from flowdiff_jax import checkpoint, paths, train  # noqa: PLC0415 (after jax.distributed)
 
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   name = os.path.splitext(os.path.basename(config_path))[0]
-  workdir = _WORKDIR.value or os.path.join("workdirs", name)
-  logging.info("Config %s, workdir %s", config_path, os.path.abspath(workdir))
+  workdir = paths.as_str(_WORKDIR.value or os.path.join("workdirs", name))
+  logging.info("Config %s, workdir %s", config_path, workdir)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir,
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value,

@@ -48,11 +48,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
-import json
+import io
 import os
 from typing import Any
 import zipfile
 
+from etils import epath
 import numpy as np
 
 KINDS = ("npz", "folder")
@@ -188,13 +189,14 @@ def _binary_mask(mask: np.ndarray, where: str) -> np.ndarray:
 def read_image(path: str) -> np.ndarray:
   """One image file -> [H, W, C] in the file's dtype (PNG/JPEG: pillow, TIFF: tifffile)."""
   try:
+    content = io.BytesIO(epath.Path(path).read_bytes())  # local or gs://...
     if path.lower().endswith((".tif", ".tiff")):
       import tifffile  # noqa: PLC0415 (only TIFF needs it; scikit-image brings it)
-      array = np.asarray(tifffile.imread(path))
+      array = np.asarray(tifffile.imread(content))
     else:
       from PIL import Image  # noqa: PLC0415
 
-      with Image.open(path) as image:
+      with Image.open(content) as image:
         image.load()
         if image.mode == "P":  # palette: expand to the colours it stands for
           image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -226,10 +228,10 @@ def _check_square(shape: Sequence[int], where: str) -> None:
 
 
 def _open_npz(path: str, field: str):
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise DataError(f"{field}={path!r}: no such file; expected an .npz file.")
   try:
-    return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
   except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, ...
     raise DataError(f"{field}={path!r}: cannot read it as an .npz file "
                     f"({type(e).__name__}: {e}).") from e
@@ -245,12 +247,12 @@ def _npz_array(npz, path: str, key: str) -> np.ndarray:
 
 
 def _list_images(folder: str, field: str) -> list[str]:
-  if not os.path.isdir(folder):
+  if not epath.Path(folder).is_dir():
     raise DataError(f"{field}={folder!r}: no such folder; expected a folder of images "
                     f"({', '.join(IMAGE_SUFFIXES)}).")
-  entries = sorted(os.listdir(folder))
-  names = [n for n in entries if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
-           and os.path.isfile(os.path.join(folder, n))]
+  entries = sorted(epath.Path(folder).iterdir(), key=lambda p: p.name)
+  names = [p.name for p in entries if p.name.lower().endswith(IMAGE_SUFFIXES)
+           and not p.name.startswith(".") and p.is_file()]
   if not names:
     others = f" (it holds {len(entries)} other entries)" if entries else " (it is empty)"
     raise DataError(f"{field}={folder!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in this "
@@ -261,12 +263,12 @@ def _list_images(folder: str, field: str) -> list[str]:
 def _matching_file(folder: str, name: str, what: str) -> str:
   """The file in `folder` named `name`, or with `name`'s stem and another image suffix."""
   exact = os.path.join(folder, name)
-  if os.path.isfile(exact):
+  if epath.Path(exact).is_file():
     return exact
   stem = os.path.splitext(name)[0]
   for suffix in IMAGE_SUFFIXES:
     for candidate in (stem + suffix, stem + suffix.upper()):
-      if os.path.isfile(os.path.join(folder, candidate)):
+      if epath.Path(folder, candidate).is_file():
         return os.path.join(folder, candidate)
   raise DataError(f"{what} for {name!r} is missing: expected {exact} (or {stem} with another "
                   f"image suffix: {', '.join(IMAGE_SUFFIXES)}).")
@@ -378,7 +380,7 @@ def load_folder(path: str, mask_dir: str | None = None, *, needs_mask: bool,
   _check_square(y_raw.shape[1:3], f"data.path={path!r}")
   mask = None
   if needs_mask:
-    if not os.path.isdir(mask_dir):
+    if not epath.Path(mask_dir).is_dir():
       raise DataError(f"data.mask_dir={mask_dir!r}: no such folder; expected a folder of masks "
                       "named like the images.")
     mask = np.stack([_mask_from_image(_matching_file(mask_dir, n, "The mask"), y_raw.shape[1:],
@@ -402,7 +404,7 @@ def load_reference(path: str, measured: Measurements, *, value_range=None,
       raw = _check_npz_shape(_npz_array(npz, path, "x"), f"{path}: array 'x'")
     dtype, where = raw.dtype, f"{path}: array 'x'"
   else:
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
       raise DataError(f"data.reference_path={path!r}: no such .npz file or folder.")
     files = [_matching_file(path, n, "The reference image") for n in measured.names]
     raw, dtype = _stack_images(path, [os.path.basename(f) for f in files],
@@ -530,13 +532,6 @@ def sigma_report(m: Measurements, configured: float, used: bool) -> dict[str, An
       "estimator": "median |diagonal Haar detail| / 0.6745 over fully observed 2x2 blocks "
                    "(Donoho's MAD; an upper estimate on fine texture)",
   }
-
-
-def write_json(path: str, content: dict[str, Any]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(content, f, indent=2)
-    f.write("\n")
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ keeps orbax's, jax's and grain's INFO lines out of the log.
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import math
 import os
@@ -22,6 +21,8 @@ from absl import logging
 import jax
 import numpy as np
 import tqdm
+
+from flowdiff_jax import paths
 
 
 def hardware() -> str:
@@ -46,11 +47,8 @@ def mean_sem(values: Any) -> dict[str, float]:
 
 
 def write_json(path: str, content: dict[str, Any]) -> None:
-  """Writes `content` as indented JSON (NaN as NaN), creating folders as needed."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(content, f, indent=2)
-    f.write("\n")
+  """Writes `content` as indented JSON (NaN as NaN), creating folders as needed; any epath."""
+  paths.write_json(path, content)
 
 
 def write_report(output_dir: str, results: dict[str, Any], markdown: str,
@@ -67,15 +65,13 @@ def write_report(output_dir: str, results: dict[str, Any], markdown: str,
   """
   from flowdiff_jax import evaluation  # noqa: PLC0415 (pillow, only for the figures)
 
-  os.makedirs(output_dir, exist_ok=True)
-  paths = [os.path.join(output_dir, "metrics.json"), os.path.join(output_dir, "metrics.md")]
-  write_json(paths[0], results)
-  with open(paths[1], "w") as f:
-    f.write(markdown)
+  written = [os.path.join(output_dir, "metrics.json"), os.path.join(output_dir, "metrics.md")]
+  write_json(written[0], results)
+  paths.write_text(written[1], markdown)
   for name, image in (figures or {}).items():
-    paths.append(os.path.join(output_dir, name))
-    evaluation.save_png(paths[-1], image)
-  return paths
+    written.append(os.path.join(output_dir, name))
+    evaluation.save_png(written[-1], image)
+  return written
 
 
 class ProgressBar:

@@ -40,10 +40,10 @@ from flowdiff_jax import (
   checkpoint,
   data,
   evaluation,
-  measurements,
   methods,
   operators,
   parallel,
+  paths,
   runs,
   sampling,
   step as step_lib,
@@ -146,7 +146,7 @@ def _log_sigma_report(config: ml_collections.ConfigDict, report: dict, workdir: 
                "the estimate" if config.data.get("estimate_sigma_y", False) else
                "operator.sigma_y", report["sigma_y_used"])
   if jax.process_index() == 0:
-    measurements.write_json(os.path.join(workdir, "sigma_y_estimate.json"), report)
+    paths.write_json(os.path.join(workdir, "sigma_y_estimate.json"), report)
 
 
 def write_grid(images: jax.Array, step: int, workdir: str, folder: str,
@@ -341,6 +341,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
                         allow_config_change: bool,
                         allow_process_count_change: bool) -> step_lib.TrainState:
   """`train_and_evaluate` with its signal handlers installed."""
+  workdir = paths.as_str(workdir)  # absolute if local; gs://... as it is
   # Measurement files decide the image shape (and σ_y when estimated): read
   # and checked here, first, so the saved config holds them.
   config, sigma_report = data.resolve_config(config)
@@ -349,8 +350,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
   checkpoint.check_resume_config(workdir, config, allow_config_change=allow_config_change,
                                  allow_process_count_change=allow_process_count_change)
   jax.config.update("jax_threefry_partitionable", True)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0 or not config.training.tensorboard)
   if sigma_report is not None:
     _log_sigma_report(config, sigma_report, workdir)
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -41,17 +42,21 @@ class Run:
   """One training process, its output in a log file next to its workdir.
 
   `args`: flowdiff_jax.main's flags, or `cmd`: the whole command line (a list,
-  or a string for bash). `env`: the environment (default `run_env()`).
+  or a string for bash). `env`: the environment (default `run_env()`). The log
+  goes next to a local workdir, else into `log_dir`; the process runs in `cwd`.
   """
 
-  def __init__(self, args: list[str], workdir, cmd=None, env=None, name: str = ""):
+  def __init__(self, args: list[str], workdir, cmd=None, env=None, name: str = "",
+               cwd: str = REPO, log_dir=None):
     self.workdir = str(workdir)
-    self.log_path = f"{self.workdir}.{name}{time.monotonic_ns()}.log"
+    prefix = (os.path.join(str(log_dir), os.path.basename(self.workdir)) if log_dir
+              else self.workdir)
+    self.log_path = f"{prefix}.{name}{time.monotonic_ns()}.log"
     self._log = open(self.log_path, "wb")
     if isinstance(cmd, str):
       cmd = ["bash", "-c", cmd]
     self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "flowdiff_jax.main", *args],
-                                 cwd=REPO, env=env or run_env(), stdout=self._log,
+                                 cwd=cwd, env=env or run_env(), stdout=self._log,
                                  stderr=subprocess.STDOUT)
     self.start = time.monotonic()
 
@@ -99,10 +104,12 @@ class Run:
 
 
 def arrays(workdir, step: int | None = None) -> dict:
-  """A checkpoint's arrays (step, params, ema_params, opt_state) as numpy; the newest by default."""
-  directory = os.path.join(str(workdir), "checkpoints")
+  """A checkpoint's arrays (step, params, ema_params, opt_state) as numpy; the newest by default.
+
+  `workdir`: a local folder or any path epath reaches (gs://...).
+  """
   step = max(steps(workdir)) if step is None else step
-  path = os.path.join(directory, str(step), "state")
+  path = epath.Path(str(workdir)) / "checkpoints" / str(step) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -111,8 +118,8 @@ def arrays(workdir, step: int | None = None) -> dict:
 
 def steps(workdir) -> list[int]:
   """The checkpoint steps in a workdir, oldest first."""
-  return sorted(int(d) for d in os.listdir(os.path.join(str(workdir), "checkpoints"))
-                if d.isdigit())
+  return sorted(int(d.name) for d in (epath.Path(str(workdir)) / "checkpoints").iterdir()
+                if d.name.isdigit())
 
 
 def assert_same_arrays(got: dict, want: dict) -> None:

@@ -88,17 +88,16 @@ def test_multi_gpu_dry_run_splits_the_gpus():
 def test_tpu_pod_dry_run_prints_the_gcloud_steps_and_every_workers_command():
   lines = _dry_run("tpu_pod.sh", "--workers=4", "my-tpu", "us-central2-b", "gs://my-bucket",
                    "--config=configs/cifar_noise.py", ODD_FLAG, REPO_URL="https://x/y.git")
-  gcloud, workers = lines[:3], lines[3:]
+  gcloud, workers = lines[:2], lines[2:]
   commands = []
   for line in gcloud:
     words = shlex.split(line)
     assert words[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu",
                          "--zone=us-central2-b"] and words[7] == "--worker=all"
     commands.append(words[8].removeprefix("--command="))
-  setup, mount, train = commands
+  setup, train = commands
   assert "git clone -q https://x/y.git flowdiff_jax" in setup and "make setup" in setup
   assert "jax[tpu]==" in setup
-  assert "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket" in mount
   assert len(workers) == 4
   for w, line in enumerate(workers):
     prefix, command = line.split(": ", 1)
@@ -106,7 +105,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_steps_and_every_workers_command():
     words = shlex.split(command.split(" && ", 1)[1])
     assert words == [".venv/bin/python", "-m", "flowdiff_jax.main",
                      "--config=configs/cifar_noise.py", ODD_FLAG,
-                     "--workdir=/mnt/my-bucket/cifar_noise"]
+                     "--workdir=gs://my-bucket/cifar_noise"]
   refused = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "t", "z",
                             "b", "--workdir=/tmp/x"], capture_output=True, text=True)
   assert refused.returncode == 2 and "sets --workdir" in refused.stderr

@@ -23,10 +23,15 @@ Methods:
   gaussian_em          the EM fit alone (--em_iters iterations; dense Σ for
                        denoise/blur, rank --em_rank for masks): its Σ̂'s error.
 
+Ablations: --set KEY=VALUE (repeatable) overrides any config field of the
+trained methods after the above, e.g. --set flowdiff.flow_updates_per_score_update=4
+--set optim.learning_rate=3e-4; the value is a Python literal.
+
 Writes NAME.json and NAME.png (covariance_error.png for the default name) to --out.
 """
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -69,7 +74,30 @@ def method_config(method: str, operator: str, args):
     config.flow.base = "gaussian_em"
     config.flowdiff.update(gaussian_prior_steps=args.hold, handover_steps=args.handover)
     config.amortized.beta_prior_warmup_steps = 0
+  for key, value in overrides(args.set):
+    parent, _, leaf = key.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+      node = node[part]
+    if leaf not in node:  # an unlocked ConfigDict would silently add a typo
+      raise SystemExit(f"--set {key}: no such config field")
+    node[leaf] = value  # ConfigDict refuses a value of another type
   return config
+
+
+def overrides(items):
+  """["a.b=1e-3", ...] → [("a.b", 0.001), ...]; values are Python literals."""
+  pairs = []
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare string, e.g. --set amortized.time_sampling=uniform
+    pairs.append((key, value))
+  return pairs
 
 
 def ema_covariance(state, shape, measure: str) -> np.ndarray:
@@ -124,6 +152,8 @@ def main():
   parser.add_argument("--em_rank", type=int, default=64)
   parser.add_argument("--hold", type=int, default=1000)
   parser.add_argument("--handover", type=int, default=1000)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field of the trained methods (repeatable)")
   parser.add_argument("--name", default="results")
   parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
   args = parser.parse_args()
@@ -137,6 +167,7 @@ def main():
              "command": " ".join(["python", *sys.argv]),
              "args": {**vars(args), "out": os.path.relpath(args.out)}, "curves": {},
              "wall_s": {}}
+  os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"{args.name}.json")
   operators_ = args.operators.split(",")
   for operator in operators_:

@@ -4,17 +4,17 @@
 #   bash experiments/launch/tpu_pod.sh [--dry-run] [--workers=W] TPU_NAME ZONE BUCKET FLAGS...
 #
 # FLAGS are flowdiff_jax.main's, without --workdir: the run writes to
-# gs://BUCKET/$RUN (RUN defaults to the config file's name), mounted with gcsfuse
-# at /mnt/BUCKET on every worker, since the training program reads and writes
-# local paths (one directory that every worker sees, as a multi-host run needs).
-# Three gcloud steps, each on all workers at once:
+# gs://BUCKET/$RUN (RUN defaults to the config file's name) directly, the one
+# folder every worker sees, as a multi-host run needs (checkpoints through
+# orbax/tensorstore, everything else through etils.epath and TensorFlow's GCS
+# client, with the TPU VM's service account). Two gcloud steps, each on all
+# workers at once:
 #   1. setup: clone (or update) the repository, `make setup`, and the TPU build of
 #      jax at the version `make setup` resolved;
-#   2. mount the bucket;
-#   3. train: jax finds the other workers through the TPU VM metadata server
+#   2. train: jax finds the other workers through the TPU VM metadata server
 #      (--distributed=auto), so the command is the same on every worker and for
 #      every slice size. Rerun the script after a preemption: it resumes.
-# --dry-run prints the three gcloud commands and, for each of the W workers
+# --dry-run prints the two gcloud commands and, for each of the W workers
 # (default 1; `gcloud compute tpus tpu-vm describe` tells), the exact command
 # that worker runs; it starts nothing.
 # Environment: REPO_URL (default this checkout's origin), REPO_DIR (default
@@ -48,20 +48,17 @@ fi
 run=${RUN:-$(basename "${config%%:*}" .py)}
 repo_url=${REPO_URL:-$(git -C "$HERE" remote get-url origin 2>/dev/null || echo "<REPO_URL>")}
 dir=${REPO_DIR:-flowdiff_jax}
-mount=/mnt/$bucket
 
 setup="if [ -d $dir ]; then git -C $dir pull -q; else git clone -q $repo_url $dir; fi \
 && cd $dir && make setup && .venv/bin/pip install -q \"jax[tpu]==\$(.venv/bin/python -c \
 \"import jax; print(jax.__version__)\")\""
-mount_cmd="sudo mkdir -p $mount && sudo chown \$USER $mount && (mountpoint -q $mount \
-|| gcsfuse --implicit-dirs $bucket $mount)"
 train="cd $dir && .venv/bin/python -m flowdiff_jax.main$(printf ' %q' "$@") \
---workdir=$mount/$run"
+--workdir=gs://$bucket/$run"
 
 ssh=(gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all)
 [ -z "${PROJECT:-}" ] || ssh+=(--project="$PROJECT")
 if [ "$dry_run" -eq 1 ]; then
-  for step in "$setup" "$mount_cmd" "$train"; do
+  for step in "$setup" "$train"; do
     # Printed so that they paste into a shell as they are.
     printf '%q ' "${ssh[@]}"
     case "$step" in
@@ -72,6 +69,6 @@ if [ "$dry_run" -eq 1 ]; then
   for ((w = 0; w < workers; w++)); do echo "worker $w: $train"; done
   exit 0
 fi
-for step in "$setup" "$mount_cmd" "$train"; do
+for step in "$setup" "$train"; do
   "${ssh[@]}" --command="$step"
 done

@@ -305,6 +305,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.profile_steps = 0
   # Write training metrics every N steps.
   training.log_every_steps = 100
+  # Scalars and image grids also to TensorBoard event files in the workdir
+  # (clu's writer, through TensorFlow's filesystems: local, gs://). False: to
+  # the log only, e.g. where TensorFlow cannot reach the workdir's filesystem.
+  training.tensorboard = True
   # Evaluate (held-out DSM loss) every N steps; 0 disables.
   training.eval_every_steps = 5_000
   # Write a PNG grid of prior samples every N steps (and at the end); 0 disables.

@@ -33,11 +33,11 @@ write the same files: the workdir must be shared (a bucket or a shared disk).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowdiff_jax import configcheck, gaussian_em, operators, parallel, solvers
+from flowdiff_jax import configcheck, gaussian_em, operators, parallel, paths, solvers
 from flowdiff_jax.methods import base, dsm
 
 E_STEPS = ("mmps", "dps")
@@ -175,7 +175,7 @@ class Laps:
                workdir: str):
     em = config.em
     self.config, self.mesh = config, mesh
-    self.directory = os.path.join(workdir, "em")
+    self.directory = paths.resolve(workdir) / "em"
     self.steps_per_lap = int(em.steps_per_lap)
     self.chunk = int(em.batch_size)
     self.batch_size = int(config.training.batch_size)
@@ -210,14 +210,14 @@ class Laps:
     """The lap of the update that takes the state from `step` to step + 1."""
     return step // self.steps_per_lap
 
-  def _path(self, lap: int, chunk: int) -> str:
-    return os.path.join(self.directory, f"lap_{lap:05d}", f"chunk_{chunk:05d}.npy")
+  def _path(self, lap: int, chunk: int) -> epath.Path:
+    return self.directory / f"lap_{lap:05d}" / f"chunk_{chunk:05d}.npy"
 
   def _missing(self, lap: int) -> list[int]:
-    return [c for c in range(self.num_chunks) if not os.path.exists(self._path(lap, c))]
+    return [c for c in range(self.num_chunks) if not self._path(lap, c).exists()]
 
   def _load(self, lap: int) -> None:
-    parts = [np.load(self._path(lap, c)) for c in range(self.num_chunks)]
+    parts = [paths.load_npy(self._path(lap, c)) for c in range(self.num_chunks)]
     self._bank = (lap, np.concatenate(parts)[:self.num])
 
   def needs_e_step(self, step: int) -> bool:
@@ -229,7 +229,7 @@ class Laps:
       if step % self.steps_per_lap:
         raise FileNotFoundError(
             f"Step {step} is inside lap {lap} of the EM run, but that lap's E-step samples "
-            f"are not all in {os.path.dirname(self._path(lap, 0))} (missing chunks "
+            f"are not all in {self._path(lap, 0).parent} (missing chunks "
             f"{self._missing(lap)[:5]}...): they were deleted, or the workdir is not shared "
             "between the processes. Restore the folder, or start the run in a new workdir.")
       return True
@@ -274,19 +274,15 @@ class Laps:
     lap = self.lap(step)
     missing = self._missing(lap)
     start = time.time()
-    os.makedirs(os.path.dirname(self._path(lap, 0)), exist_ok=True)
     for done, chunk in enumerate(missing, start=1):
       x = self._chunk_samples(state, lap, chunk)
       if jax.process_index() == 0:
-        path = self._path(lap, chunk)
-        with open(path + ".tmp", "wb") as f:  # a chunk file is complete or absent
-          np.save(f, x)
-        os.replace(path + ".tmp", path)
+        paths.save_npy(self._path(lap, chunk), x)  # a chunk file is complete or absent
       multihost_utils.sync_global_devices(f"em lap {lap} chunk {chunk}")
       if done < len(missing) and should_stop():
         logging.warning("Stopped during the E-step of lap %d: %d of %d chunks are in %s.",
                         lap, self.num_chunks - len(missing) + done, self.num_chunks,
-                        os.path.dirname(self._path(lap, 0)))
+                        self._path(lap, 0).parent)
         return None
     seconds = time.time() - start
     self._load(lap)
