@@ -88,6 +88,11 @@ def gcs_env():
   import fsspec.config  # read its environment at import: maybe before this fixture
 
   fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
+  # epath decides once per process whether TensorFlow serves gs:// (cached at
+  # its first use of any path, maybe by an earlier test): decide again.
+  from etils.epath import gpath
+
+  gpath._is_tf_installed.cache_clear()
   yield env
   fsspec.config.conf["gs"].pop("use_listings_cache")
   for k, v in saved.items():
@@ -95,6 +100,7 @@ def gcs_env():
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+  gpath._is_tf_installed.cache_clear()
   server.stop()
 
 

@@ -24,6 +24,12 @@ run no_handover --methods flowdiff_handover --operators denoise,inpaint_random,b
 # The same with a larger flow (8 steps, 64 hidden channels instead of 4 and 32).
 run no_handover_big_flow --methods flowdiff_handover --operators denoise,blur \
   --hold 6000 --handover 0 --set flow.num_steps=8 --set flow.hidden_channels=64
+# The Gaussian throughout with a 10x slower score network: is the error left
+# the flow's samples, or the score network's noisy fit to them? (The run also
+# records the flow samples' own covariance error, which does not depend on
+# the score network here.)
+run no_handover_score_lr_3e-4 --methods flowdiff_handover --operators denoise,blur \
+  --hold 6000 --handover 0 --set optim.learning_rate=3e-4
 # The drift after the hand-over: more flow steps per score step, a slower score network.
 run flow_updates_4 --methods flowdiff_handover --operators denoise,blur \
   --set flowdiff.flow_updates_per_score_update=4

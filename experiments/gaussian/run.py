@@ -10,8 +10,11 @@ For each operator, trains each method with the exact Gaussian ε-network
 --blur_size² kernel of std --blur_std), and every `--every` steps measures
 ‖Ĉ − Σ‖_F/‖Σ‖_F of the EMA prior: of 4000 of its samples (Heun, 100 steps;
 `--measure samples`), or of the covariance its parameters hold
-(`--measure params`: exact, no sampling error; the network is a Gaussian).
-Methods:
+(`--measure params`: exact, no sampling error; the network is a Gaussian);
+for the flow methods also that of one flow sample per observation for 4096
+observations ("flow_curves"; the aggregate posterior ∫q(x|y)p(y)dy, which has
+covariance Σ when q is the exact posterior), what the score network is
+trained on. Methods:
 
   naive, flowdiff      the config methods, flow base A⁺y, β_prior warm-up.
   flowdiff_handover    flowdiff with the Gaussian-EM warm start: flow base the
@@ -117,7 +120,7 @@ def run(method, operator, args, mu, sigma):
                           final_loglik=False)
     err = oracle.relative_error(np.asarray(fit.covariance(), np.float64), sigma)
     print(f"{operator:15s} {method:17s} {args.em_iters} iterations: error {err:.3f}", flush=True)
-    return [(0, err)]
+    return [(0, err)], []
   n = data["y"].shape[0]
   order = np.random.default_rng(0)
   take = lambda idx: jax.tree.map(lambda a: a[idx], data)
@@ -125,16 +128,29 @@ def run(method, operator, args, mu, sigma):
   state = step_lib.create_train_state(config, jax.random.key(0), take(np.arange(256)),
                                       fitted_params=fitted)
   step_fn = jax.jit(step_lib.train_step, donate_argnums=0)
+  # One flow sample per observation: their covariance is that of the flow's
+  # aggregate posterior, which equals the prior's when q(x|y) is its exact
+  # posterior (what the score network is then trained on).
+  obj = state.objective
+  flow_draw = jax.jit(lambda params, batch, key: base.flow_samples(obj, params, batch, key, 1)[0])
+  probe = take(np.arange(min(n, 4096)))
   rng = jax.random.key(1)
   shape = (args.size, args.size, 1)
-  curve = []
+  curve, flow_curve = [], []
   for i in range(1, args.steps + 1):
     state, _ = step_fn(state, take(order.integers(0, n, config.training.batch_size)), rng)
     if i % args.every == 0:
       err = oracle.relative_error(ema_covariance(state, shape, args.measure), sigma)
       curve.append((i, err))
-      print(f"{operator:15s} {method:17s} step {i:6d}: covariance error {err:.3f}", flush=True)
-  return curve
+      note = ""
+      if "flow" in state.params:
+        x = np.asarray(flow_draw(state.params, probe, jax.random.key(i)), np.float64)
+        flow_curve.append((i, oracle.relative_error(np.cov(x.reshape(x.shape[0], -1).T),
+                                                    sigma)))
+        note = f" (flow samples {flow_curve[-1][1]:.3f})"
+      print(f"{operator:15s} {method:17s} step {i:6d}: covariance error {err:.3f}{note}",
+            flush=True)
+  return curve, flow_curve
 
 
 def main():
@@ -166,14 +182,16 @@ def main():
   results = {"date": datetime.date.today().isoformat(), "hardware": reporting.hardware(),
              "command": " ".join(["python", *sys.argv]),
              "args": {**vars(args), "out": os.path.relpath(args.out)}, "curves": {},
-             "wall_s": {}}
+             "flow_curves": {}, "wall_s": {}}
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"{args.name}.json")
   operators_ = args.operators.split(",")
   for operator in operators_:
     for method in methods:
       start = time.time()
-      results["curves"][f"{operator}/{method}"] = run(method, operator, args, mu, sigma)
+      key = f"{operator}/{method}"
+      results["curves"][key], results["flow_curves"][key] = run(method, operator, args, mu,
+                                                                sigma)
       results["wall_s"][f"{operator}/{method}"] = round(time.time() - start, 1)
       with open(path, "w") as f:  # after every run: a long sweep shows its progress
         json.dump(results, f, indent=1)
