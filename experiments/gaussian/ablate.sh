@@ -35,3 +35,6 @@ run flow_updates_4 --methods flowdiff_handover --operators denoise,blur \
   --set flowdiff.flow_updates_per_score_update=4
 run score_lr_3e-4 --methods flowdiff_handover --operators denoise,blur \
   --set optim.learning_rate=3e-4
+# Between the two: lr 1e-3 with the Gaussian throughout.
+run no_handover_score_lr_1e-3 --methods flowdiff_handover --operators denoise,blur \
+  --hold 6000 --handover 0 --set optim.learning_rate=1e-3
