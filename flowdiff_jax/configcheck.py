@@ -52,5 +52,11 @@ def optimizer(config: ml_collections.ConfigDict, section: str) -> None:
   """The fields of an optimiser section (`optim`, `flow_optim`)."""
   positive(config, f"{section}.learning_rate")
   positive(config, f"{section}.warmup_steps", strict=False, integer=True)
+  decay = get(config, f"{section}.decay_steps")
+  positive(config, f"{section}.decay_steps", strict=False, integer=True)
+  if decay and decay <= get(config, f"{section}.warmup_steps"):
+    fail(f"{section}.decay_steps", decay,
+         f"must be 0 (no decay) or > {section}.warmup_steps "
+         f"({get(config, f'{section}.warmup_steps')}): the cosine starts after the warm-up")
   positive(config, f"{section}.weight_decay", strict=False)
   positive(config, f"{section}.grad_clip_norm", strict=False)

@@ -224,6 +224,10 @@ def test_command_line_overrides():
     ("amortized.beta_prior_warmup_steps", -1, "config.amortized.beta_prior_warmup_steps=-1"),
     ("flowdiff.flow_updates_per_score_update", 0,
      "config.flowdiff.flow_updates_per_score_update=0: must be an integer > 0"),
+    # tiny's warm-up is 2 steps: a decay must end after it.
+    ("optim.decay_steps", 2, "config.optim.decay_steps=2: must be 0 (no decay) or > "
+     "optim.warmup_steps (2)"),
+    ("flow_optim.decay_steps", -1, "config.flow_optim.decay_steps=-1: must be an integer >= 0"),
 ])
 def test_bad_values_name_the_field_and_allowed_values(field, value, message):
   config = tiny.get_config()

@@ -179,6 +179,30 @@ def test_score_network_updates_every_k_steps():
   assert changed == [(True, False), (True, False), (True, True)] * 2
 
 
+@pytest.mark.parametrize("every_k", [1, 2])
+def test_learning_rate_warm_up_then_cosine_decay_counted_in_updates(every_k):
+  """optim.decay_steps: with a constant gradient Adam's update is −lr exactly, so the
+  updates trace the schedule: linear warm-up, cosine to 0 at update decay_steps, then 0."""
+  from flowdiff_jax.methods import base
+
+  optim = default.get_config().optim
+  optim.update(learning_rate=0.1, warmup_steps=4, decay_steps=12, grad_clip_norm=0.0,
+               eps=1e-12)
+  tx = base.make_optimizer(optim, every_k_steps=every_k)
+  params = {"w": jnp.zeros(())}
+  opt_state, grads = tx.init(params), {"w": jnp.ones(())}
+  got = []
+  for _ in range(16 * every_k):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    got.append(-float(updates["w"]))
+  applied = np.asarray(got[every_k - 1::every_k])  # MultiSteps: zero updates in between
+  k = np.arange(16)
+  want = np.where(k < 4, 0.1 * k / 4,
+                  np.where(k < 12, 0.05 * (1 + np.cos(np.pi * (k - 4) / 8)), 0.0))
+  np.testing.assert_allclose(applied, want, atol=1e-6)
+  assert not any(got[i] for i in range(len(got)) if (i + 1) % every_k)
+
+
 # --------------------------------------------------------------------------
 # The Gaussian oracle (docs/design.md §2.8): does FlowDiff recover Σ, not Σ + noise?
 # --------------------------------------------------------------------------

@@ -38,3 +38,9 @@ run score_lr_3e-4 --methods flowdiff_handover --operators denoise,blur \
 # Between the two: lr 1e-3 with the Gaussian throughout.
 run no_handover_score_lr_1e-3 --methods flowdiff_handover --operators denoise,blur \
   --hold 6000 --handover 0 --set optim.learning_rate=1e-3
+# The oracle's rate 3e-3 decayed along a cosine to 0 at step 6000 (optim.decay_steps):
+# with the Gaussian throughout, and with a later hand-over (hold 3000, over 1000 more).
+run no_handover_cosine --methods flowdiff_handover --operators denoise,blur \
+  --hold 6000 --handover 0 --set optim.decay_steps=6000
+run late_handover_cosine --methods flowdiff_handover --operators denoise,blur \
+  --hold 3000 --handover 1000 --set optim.decay_steps=6000

@@ -138,6 +138,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Peak learning rate (AdamW), reached after warmup_steps of linear warm-up.
   optim.learning_rate = 2e-4
   optim.warmup_steps = 1000  # linear warm-up from 0
+  # > 0: then a cosine decay to 0 at this update (warm-up included; e.g.
+  # training.num_train_steps); 0: constant. The jointly trained score network
+  # fits samples that change every step, and a constant rate leaves its fit
+  # noisy (experiments/gaussian, "What limits flowdiff here").
+  optim.decay_steps = 0
   # Adam moments and epsilon.
   optim.b1 = 0.9
   optim.b2 = 0.999  # second-moment decay
@@ -215,6 +220,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.flow_optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4,  # peak, after the warm-up
       warmup_steps=500,  # linear warm-up from 0
+      decay_steps=0,  # > 0: then a cosine decay to 0 at this update; 0: constant
       b1=0.9,  # first-moment decay
       b2=0.999,  # second-moment decay
       eps=1e-8,  # added to the root of the second moment

@@ -248,14 +248,23 @@ class Method:
 
 def make_optimizer(optim: ml_collections.ConfigDict,
                    every_k_steps: int = 1) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and optional global-norm clipping.
+  """AdamW with linear warm-up, optional cosine decay and global-norm clipping.
 
+  optim.decay_steps > 0: after the warm-up the learning rate falls along a
+  cosine to 0 at update decay_steps (counted from the first update, warm-up
+  included) and stays there; 0: constant after the warm-up.
   every_k_steps > 1 averages the gradients of k consecutive steps and updates
   once (optax.MultiSteps); in between the params and the optimiser state stay
-  as they are.
+  as they are. The schedules count updates, so steps / k of them.
   """
-  lr = (optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
-        if optim.warmup_steps else optim.learning_rate)
+  decay = int(optim.get("decay_steps", 0))
+  if decay:
+    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                            decay, end_value=0.0)
+  elif optim.warmup_steps:
+    lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  else:
+    lr = optim.learning_rate
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
