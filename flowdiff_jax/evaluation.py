@@ -9,7 +9,7 @@
   space).
 * `extract_features`: a jitted feature network run over a large array in
   fixed-size batches.
-* `image_grid`, `save_png`.
+* `image_grid` (written by `flowdiff_jax.paths.write_image`).
 
 The matrix square root of the Fréchet distance runs on the host in float64
 (an eigendecomposition of the symmetric form): batched `jnp.linalg` inside jit
@@ -277,8 +277,3 @@ def image_grid(images: np.ndarray, num_cols: int | None = None, pad: int = 1) ->
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, creating folders as needed."""
-  from flowdiff_jax import paths  # noqa: PLC0415 (pillow, only for the writers)
-
-  paths.write_image(path, image)

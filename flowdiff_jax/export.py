@@ -71,11 +71,6 @@ def _output_suffix(dtype: np.dtype, channels: int) -> str:
   return ".tif"
 
 
-def write_image(path: str, image: np.ndarray) -> None:
-  """Writes [H, W, C] in its dtype: PNG (pillow) or TIFF (tifffile) by the path's suffix."""
-  paths.write_image(path, image)
-
-
 def _restore_fn(state: step_lib.TrainState, mesh: jax.sharding.Mesh, num_samples: int,
                 save_samples: int, solver: solvers_lib.Solver | None = None,
                 op: operators.Operator | None = None, seed: int = 0):
@@ -229,16 +224,16 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
     integer = np.issubdtype(m.dtype, np.integer)
     for i, name in enumerate(m.names):
       base = os.path.join(output_dir, os.path.splitext(name)[0])
-      write_image(f"{base}_mean{suffix}",
+      paths.write_image(f"{base}_mean{suffix}",
                   measurements.from_model_units(mean[i], m.value_range, m.dtype))
       if integer:  # the std's full scale is the dtype's maximum (stated in export.json)
         top = np.iinfo(m.dtype).max
         std_image = np.clip(np.round(std_f[i] / std_full_scale * top), 0, top).astype(m.dtype)
       else:
         std_image = std_f[i]
-      write_image(f"{base}_std{suffix}", std_image)
+      paths.write_image(f"{base}_std{suffix}", std_image)
       for j in range(save_samples):
-        write_image(f"{base}_sample{j}{suffix}",
+        paths.write_image(f"{base}_sample{j}{suffix}",
                     measurements.from_model_units(samples[i, j], m.value_range, m.dtype))
   paths.write_npz(npz_path, **arrays)
 
@@ -261,7 +256,7 @@ def export(workdir: str, output_dir: str | None = None, *, num_samples: int = 16
   if m.x is not None:
     summary["psnr_posterior_mean"] = float(np.mean(evaluation.psnr(mean, m.x)))
     summary["psnr_observation"] = float(np.mean(evaluation.psnr(m.y, m.x)))
-  reporting.write_json(os.path.join(output_dir, "export.json"), summary)
+  paths.write_json(os.path.join(output_dir, "export.json"), summary)
   logging.info("Restored %d measurements of %s into %s: data consistency "
                "‖y − A x‖²/(m σ_y²) = %.3f for posterior samples (≈ 1 when calibrated), "
                "%.3f for the mean; mean "

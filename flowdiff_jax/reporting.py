@@ -46,11 +46,6 @@ def mean_sem(values: Any) -> dict[str, float]:
   return {"mean": float(v.mean()), "sem": sem}
 
 
-def write_json(path: str, content: dict[str, Any]) -> None:
-  """Writes `content` as indented JSON (NaN as NaN), creating folders as needed; any epath."""
-  paths.write_json(path, content)
-
-
 def write_report(output_dir: str, results: dict[str, Any], markdown: str,
                  figures: dict[str, np.ndarray] | None = None) -> list[str]:
   """Writes output_dir/metrics.json (`results`), metrics.md (`markdown`) and the figures.
@@ -63,14 +58,12 @@ def write_report(output_dir: str, results: dict[str, Any], markdown: str,
   Returns:
     The paths written.
   """
-  from flowdiff_jax import evaluation  # noqa: PLC0415 (pillow, only for the figures)
-
   written = [os.path.join(output_dir, "metrics.json"), os.path.join(output_dir, "metrics.md")]
-  write_json(written[0], results)
+  paths.write_json(written[0], results)
   paths.write_text(written[1], markdown)
   for name, image in (figures or {}).items():
     written.append(os.path.join(output_dir, name))
-    evaluation.save_png(written[-1], image)
+    paths.write_image(written[-1], image)
   return written
 
 

@@ -155,7 +155,7 @@ def write_grid(images: jax.Array, step: int, workdir: str, folder: str,
   grid = evaluation.image_grid(data.to_uint8(jax.device_get(images)), num_cols=num_cols)
   path = os.path.join(workdir, folder, f"step_{step:07d}.png")
   if jax.process_index() == 0:
-    evaluation.save_png(path, grid)
+    paths.write_image(path, grid)
   writer.write_images(step, {folder: grid[None]})
   return path
 

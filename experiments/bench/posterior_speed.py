@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from flowdiff_jax import data, reporting, runs, solvers, step as step_lib
+from flowdiff_jax import data, paths, reporting, runs, solvers, step as step_lib
 
 
 def _best_time(fn, repeats):
@@ -72,7 +72,7 @@ def main():
             "score_params": sum(x.size for x in jax.tree.leaves(params)),
             "hardware": reporting.hardware(), "date": time.strftime("%Y-%m-%d"),
             "command": "python experiments/bench/posterior_speed.py --workdir=" + args.workdir}
-  reporting.write_json(args.out, report)
+  paths.write_json(args.out, report)
 
 
 if __name__ == "__main__":
