@@ -18,6 +18,6 @@ def test_custom_loop_example_runs(capsys):
   exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
   state, metrics = namespace["state"], namespace["metrics"]
   assert int(state.step) == 3
-  assert set(state.params) == {"flow", "score"}
+  assert set(state.params) == {"flow", "score", "gaussian_em"}  # fmnist_noise: the warm start
   assert {"train/loss", "train/dsm_loss", "train/data_fidelity"} <= set(metrics)
   assert "train/loss" in capsys.readouterr().out

@@ -10,7 +10,8 @@ COMMON="--config=configs/fmnist_noise.py --config.model.base_channels=16 --confi
  --config.training.eval_every_steps=500 --config.training.sample_every_steps=1500 \
  --config.training.checkpoint_every_steps=500 --config.optim.learning_rate=1e-3 \
  --config.optim.warmup_steps=100 --config.optim.ema_decay=0.99 --config.eval.num_samples=36 \
- --config.eval.sample_steps=100 --config.amortized.beta_prior_warmup_steps=300"
+ --config.eval.sample_steps=100 --config.amortized.beta_prior_warmup_steps=300 \
+ --config.flow.base=pinv"
 for method in flowdiff naive clean; do
   start=$(date +%s)
   $PY -m flowdiff_jax.main $COMMON --config.method=$method --workdir=workdirs/flowdiff_fmnist/$method

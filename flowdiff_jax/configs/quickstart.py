@@ -14,9 +14,7 @@ from flowdiff_jax.configs import fmnist_noise
 def get_config():
   config = fmnist_noise.get_config()
   config.method = "flowdiff"
-  # The Gaussian-EM warm start, as experiments/fmnist/run_warm.sh runs it for denoising.
-  config.flow.base = "gaussian_em"
-  config.gaussian_em.update(rank=0, init_var=0.01, num_iters=16)
+  # (The Gaussian-EM warm start of fmnist_noise: flow.base="gaussian_em".)
   config.amortized.beta_prior_warmup_steps = 100
   config.model.base_channels = 16
   config.model.num_groups = 4
