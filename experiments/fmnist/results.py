@@ -30,6 +30,11 @@ being `config.method` names (a variant gets its own key). Sources:
   evaluate.sh does, with long/wall_times.txt. A row whose key ends in _<steps>
   measures its gap closed against the naive and clean rows of those steps when
   they exist ("gap_against" names them).
+* clean_cosine / naive_cosine / flowdiff_warm_start_cosine: the 2000-step runs
+  of run.sh / run_warm.sh with DECAY=1 (both learning rates decayed by a cosine
+  to 0 at the last step), evaluated as evaluate.sh does and copied to
+  experiments/fmnist/cosine/<run>/ with cosine/wall_times.txt; their gap is
+  measured against clean_cosine and naive_cosine (the same schedule).
 * classical: experiments/fmnist/classical.json (classical.py).
 
 Standard library only.
@@ -109,10 +114,12 @@ def _wall_times(path: str) -> dict[str, int]:
   return out
 
 
-def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm") -> dict | None:
+def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm",
+                    folder: str = "warm_start") -> dict | None:
   """run_warm.sh's run of `steps` training steps (named with the steps unless 2000);
-  name "flowdiff_handover" for its runs with HANDOVER=... ."""
-  folder = os.path.join(HERE, "warm_start")
+  name "flowdiff_handover" for its runs with HANDOVER=..., "flowdiff_warm_cosine"
+  (folder "cosine") for those with DECAY=1."""
+  folder = os.path.join(HERE, folder)
   run = name if steps == 2000 else f"{name}_{steps}"
   m = _read_json(os.path.join(folder, f"{task}_{run}", "metrics.json"))
   if m is None:
@@ -126,7 +133,8 @@ def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm") -
                  f"{task} {run}"),
              residual_ratio=get("residual_ratio"), coverage_1std=get("coverage_1std"),
              coverage_2std=get("coverage_2std"), steps=m["run"]["step"],
-             source=f"experiments/fmnist/warm_start/{task}_{run}/metrics.json")
+             source=os.path.relpath(os.path.join(folder, f"{task}_{run}", "metrics.json"),
+                                    os.path.join(HERE, "..", "..")))
   # The flow's amortized sample on the 64 test images of the em rows' sampler.
   flow = _inverse_rows(os.path.join(folder, f"{task}_{run}", "inverse.json")) or {}
   if "flow_sample" in flow:
@@ -135,26 +143,24 @@ def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm") -
   return row
 
 
-LONG_RUNS = os.path.join(HERE, "long")
-
-
-def _long_reference_row(task: str, method: str, steps: int) -> dict | None:
-  """run.sh's clean / naive run of `steps` steps (STEPS=...), copied to long/<run>/."""
-  run = f"any_clean_{steps}" if method == "clean" else f"{task}_{method}_{steps}"
-  m = _read_json(os.path.join(LONG_RUNS, run, "metrics.json"))
+def _reference_row(task: str, method: str, suffix: str, folder: str) -> dict | None:
+  """run.sh's clean / naive run named with `suffix` ("_6000": STEPS=6000, "_cosine":
+  DECAY=1), copied to <folder>/<run>/."""
+  run = f"any_clean{suffix}" if method == "clean" else f"{task}_{method}{suffix}"
+  m = _read_json(os.path.join(HERE, folder, run, "metrics.json"))
   if m is None:
     return None
-  key = f"any clean_{steps}" if method == "clean" else f"{task} {method}_{steps}"
+  key = f"any clean{suffix}" if method == "clean" else f"{task} {method}{suffix}"
   return dict(fd_fmnist=m["generation"]["rows"]["samples"]["fd_fmnist"],
               psnr_posterior_mean=None, steps=m["run"]["step"],
-              wall_s=_wall_times(os.path.join(LONG_RUNS, "wall_times.txt")).get(key),
-              source=f"experiments/fmnist/long/{run}/metrics.json")
+              wall_s=_wall_times(os.path.join(HERE, folder, "wall_times.txt")).get(key),
+              source=f"experiments/fmnist/{folder}/{run}/metrics.json")
 
 
 def _references(method: str, rows: dict) -> tuple[str, str] | None:
   """The naive and clean rows a row's gap is measured against: those of its step count
-  (None for a row of other steps than 2000 without references of its own)."""
-  suffix = method[method.rindex("_"):] if re.search(r"_\d+$", method) else ""
+  or schedule (None for a row of other steps than 2000 without references of its own)."""
+  suffix = method[method.rindex("_"):] if re.search(r"_(\d+|cosine)$", method) else ""
   if not suffix:
     return "naive", "clean"
   if f"naive{suffix}" in rows and f"clean{suffix}" in rows:
@@ -223,14 +229,19 @@ def build(root: str) -> dict:
       row = _em_row(task, e_step)
       if row is not None:
         rows[f"em_{e_step}"] = row
-    for method in ("clean", "naive"):  # the references at the 6000-step rows' budget
-      row = _long_reference_row(task, method, 6000)
-      if row is not None:
-        rows[f"{method}_6000"] = row
+    cosine = _warm_start_row(task, 2000, "flowdiff_warm_cosine", folder="cosine")
+    if cosine is not None:
+      rows["flowdiff_warm_start_cosine"] = cosine
+    # The references at the 6000-step rows' budget and at the cosine rows' schedule.
+    for suffix, folder in (("_6000", "long"), ("_cosine", "cosine")):
+      for method in ("clean", "naive"):
+        row = _reference_row(task, method, suffix, folder)
+        if row is not None:
+          rows[f"{method}{suffix}"] = row
     tasks[task] = rows
   for rows in tasks.values():
     for method, r in rows.items():
-      if re.fullmatch(r"(clean|naive)(_\d+)?", method) or _references(method, rows) is None:
+      if re.fullmatch(r"(clean|naive)(_\d+|_cosine)?", method) or _references(method, rows) is None:
         continue
       naive, clean = _references(method, rows)
       if naive in rows and clean in rows \

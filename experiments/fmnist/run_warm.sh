@@ -16,9 +16,14 @@
 # fitted Gaussian for G steps, then moves to the diffusion prior over H steps
 # (flowdiff.gaussian_prior_steps / handover_steps, no β_prior warm-up); the run
 # is named <task>_flowdiff_handover[_<steps>], key flowdiff_handover[_<steps>].
+# DECAY=1 decays both learning rates (score network and flow) by a cosine to 0 at
+# the last step (optim/flow_optim.decay_steps = STEPS); "_cosine" is appended to
+# the run's name and key. run.sh's DECAY=1 gives naive the same schedule.
+# FLAGS="--config.a=b ..." SUFFIX=_name: any other flags, the run named with SUFFIX.
 set -e
 STEPS=${STEPS:-2000}
 HANDOVER=${HANDOVER:-}
+DECAY=${DECAY:-0}
 PY=${1:-.venv/bin/python}
 ROOT=${2:-workdirs/fmnist}
 shift 2 || true
@@ -44,6 +49,12 @@ if [ -n "$HANDOVER" ]; then
  --config.amortized.beta_prior_warmup_steps=0"
   NAME=flowdiff_handover
 fi
+if [ "$DECAY" = 1 ]; then
+  EXTRA="$EXTRA --config.optim.decay_steps=$STEPS --config.flow_optim.decay_steps=$STEPS"
+  NAME=${NAME}_cosine
+fi
+EXTRA="$EXTRA ${FLAGS:-}"
+NAME=$NAME${SUFFIX:-}
 for task in $TASKS; do
   run=${task}_$NAME
   [ "$STEPS" = 2000 ] || run=${run}_$STEPS

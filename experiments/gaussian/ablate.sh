@@ -44,3 +44,10 @@ run no_handover_cosine --methods flowdiff_handover --operators denoise,blur \
   --hold 6000 --handover 0 --set optim.decay_steps=6000
 run late_handover_cosine --methods flowdiff_handover --operators denoise,blur \
   --hold 3000 --handover 1000 --set optim.decay_steps=6000
+# The cosine schedule on the random masks, with the Gaussian throughout.
+run no_handover_cosine_masks --methods flowdiff_handover --operators inpaint_random \
+  --hold 6000 --handover 0 --set optim.decay_steps=6000
+# Both learning rates decayed (the flow's 2e-3 too: flow_optim.decay_steps), the
+# Gaussian throughout: is the flow samples' error its constant learning rate's noise?
+run no_handover_cosine_both --methods flowdiff_handover --operators denoise,blur,inpaint_random \
+  --hold 6000 --handover 0 --set optim.decay_steps=6000 --set flow_optim.decay_steps=6000
