@@ -6,33 +6,37 @@ Schema (issue 17): {"tasks": {task: {method: {"fd_fmnist", "psnr_posterior_mean"
 "wall_s", "source", ...}}}, "classical": {task: {name: psnr}}}, method keys
 being `config.method` names (a variant gets its own key). Sources:
 
-* clean / naive / flowdiff: WORKDIR_ROOT/<run>/eval/metrics.json (written by
-  evaluate.sh) when the workdirs are there; otherwise the numbers of
-  table.md, which `table.py` printed from those workdirs on 2026-11-29 (the
-  workdirs are not in the repository), marked with their source.
+* clean / naive / flowdiff_no_warm_start: run.sh's runs (flowdiff with the flow
+  base A⁺y, before the configs defaulted to the warm start):
+  WORKDIR_ROOT/<run>/eval/metrics.json (written by evaluate.sh) when the
+  workdirs are there; otherwise the numbers of table.md, which `table.py`
+  printed from those workdirs on 2026-11-29 (the workdirs are not in the
+  repository), marked with their source.
 * gaussian_em: experiments/gaussian_em/results.json (its run_all.sh), the row
   named after the task.
-* flowdiff_warm_start: experiments/fmnist/warm_start/<task>_flowdiff_warm/
-  metrics.json, the evaluation of run_warm.sh's runs copied from their
-  workdirs (with wall_times.txt). flowdiff_warm_start_6000 / _4000: the same,
-  trained 6000 (denoise, blur) / 4000 (inpaint) steps (STEPS=... run_warm.sh;
+* flowdiff: the Fashion-MNIST configs' default, the Gaussian-EM warm start:
+  experiments/fmnist/warm_start/<task>_flowdiff_warm/metrics.json, the
+  evaluation of run_warm.sh's runs copied from their workdirs (with
+  wall_times.txt). flowdiff_6000 / flowdiff_4000: the same, trained 6000
+  (denoise, blur) / 4000 (inpaint) steps (STEPS=... run_warm.sh;
   warm_start/<task>_flowdiff_warm_<steps>/), about the wall time of the em_mmps
   rows on this machine. flowdiff_handover: run_warm.sh's runs with the prior
   hand-over (HANDOVER="500 1000"), in warm_start/<task>_flowdiff_handover/.
 * em_mmps / em_dps: experiments/fmnist/em/<task>_em_<e_step>/metrics.json
   (the evaluation of run_em.sh's runs) and inverse.json (the E-step's
   sampler restoring the first 64 test observations under the final prior),
-  copied from their workdirs, with em/wall_times.txt. The flowdiff_warm_start
-  row's one-sample PSNR and images/s on the same 64 images come from
+  copied from their workdirs, with em/wall_times.txt. The flowdiff row's
+  one-sample PSNR and images/s on the same 64 images come from
   warm_start/<task>_flowdiff_warm/inverse.json (its flow_sample row).
 * clean_6000 / naive_6000: experiments/fmnist/long/<run>/metrics.json, run.sh's
   runs with STEPS=6000 (any_clean_6000, <task>_naive_6000) evaluated as
   evaluate.sh does, with long/wall_times.txt. A row whose key ends in _<steps>
   measures its gap closed against the naive and clean rows of those steps when
   they exist ("gap_against" names them).
-* clean_cosine / naive_cosine / flowdiff_warm_start_cosine: the 2000-step runs
-  of run.sh / run_warm.sh with DECAY=1 (both learning rates decayed by a cosine
-  to 0 at the last step), evaluated as evaluate.sh does and copied to
+* clean_cosine / naive_cosine / flowdiff_cosine[_<variant>]: the 2000-step runs
+  of run.sh / run_warm.sh with DECAY=1 (both learning rates decayed by a
+  cosine to 0 at the last step; a variant adds run_warm.sh's FLAGS, named by
+  its SUFFIX), evaluated as evaluate.sh does and copied to
   experiments/fmnist/cosine/<run>/ with cosine/wall_times.txt; their gap is
   measured against clean_cosine and naive_cosine (the same schedule).
 * classical: experiments/fmnist/classical.json (classical.py).
@@ -158,10 +162,14 @@ def _reference_row(task: str, method: str, suffix: str, folder: str) -> dict | N
 
 
 def _references(method: str, rows: dict) -> tuple[str, str] | None:
-  """The naive and clean rows a row's gap is measured against: those of its step count
-  or schedule (None for a row of other steps than 2000 without references of its own)."""
-  suffix = method[method.rindex("_"):] if re.search(r"_(\d+|cosine)$", method) else ""
-  if not suffix:
+  """The naive and clean rows a row's gap is measured against: those of its schedule
+  (a key with "_cosine") or step count (a key ending in _<steps>); None for a row
+  of other steps than 2000 without references of its own."""
+  if "_cosine" in method:
+    suffix = "_cosine"
+  elif re.search(r"_\d+$", method):
+    suffix = method[method.rindex("_"):]
+  else:
     return "naive", "clean"
   if f"naive{suffix}" in rows and f"clean{suffix}" in rows:
     return f"naive{suffix}", f"clean{suffix}"
@@ -208,6 +216,8 @@ def build(root: str) -> dict:
   tasks = {}
   for task in TASKS:
     rows = _from_workdirs(root, task) or _from_table_md(task)
+    if "flowdiff" in rows:  # run.sh's flowdiff: the flow base A⁺y
+      rows["flowdiff_no_warm_start"] = rows.pop("flowdiff")
     if task in gem:
       g = gem[task]
       rows["gaussian_em"] = dict(
@@ -217,8 +227,7 @@ def build(root: str) -> dict:
           settings=g["settings"], source="experiments/gaussian_em/results.json")
     # 2000 steps, and the same run trained for about the em_mmps rows' wall time
     # (budget (a) of issue 18).
-    for steps, key in ((2000, "flowdiff_warm_start"), (4000, "flowdiff_warm_start_4000"),
-                       (6000, "flowdiff_warm_start_6000")):
+    for steps, key in ((2000, "flowdiff"), (4000, "flowdiff_4000"), (6000, "flowdiff_6000")):
       warm = _warm_start_row(task, steps)
       if warm is not None:
         rows[key] = warm
@@ -229,9 +238,12 @@ def build(root: str) -> dict:
       row = _em_row(task, e_step)
       if row is not None:
         rows[f"em_{e_step}"] = row
-    cosine = _warm_start_row(task, 2000, "flowdiff_warm_cosine", folder="cosine")
-    if cosine is not None:
-      rows["flowdiff_warm_start_cosine"] = cosine
+    for run in sorted(os.listdir(os.path.join(HERE, "cosine"))) \
+        if os.path.isdir(os.path.join(HERE, "cosine")) else ():
+      found = re.fullmatch(rf"{task}_flowdiff_warm_cosine(\w*)", run)
+      if found:
+        rows[f"flowdiff_cosine{found.group(1)}"] = _warm_start_row(
+            task, 2000, run[len(task) + 1:], folder="cosine")
     # The references at the 6000-step rows' budget and at the cosine rows' schedule.
     for suffix, folder in (("_6000", "long"), ("_cosine", "cosine")):
       for method in ("clean", "naive"):

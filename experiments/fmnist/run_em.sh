@@ -2,7 +2,7 @@
 # The EM peers (method "em", flowdiff_jax/methods/em.py) at the protocol of
 # run_warm.sh (same U-Net, optimiser, batch 32, 2000 score-network updates,
 # the same Gaussian-EM fit per task), at about the same wall time on this
-# machine as the flowdiff_warm_start row of the task (budget (a) of issue 18):
+# machine as the flowdiff row (the warm start) of the task (budget (a) of issue 18):
 # lap 0 trains on exact posterior samples of the fitted Gaussian (Rozet et
 # al.'s warm start), lap 1 on the E-step's samples under the lap-0 prior, 1000
 # updates each. The number of observations sampled per lap is what fits the
@@ -32,7 +32,7 @@ declare -A EM=(
   [inpaint]="--config.gaussian_em.rank=64 --config.gaussian_em.init_var=1.0 --config.gaussian_em.num_iters=48"
   [blur]="--config.gaussian_em.rank=0 --config.gaussian_em.init_var=0.1 --config.gaussian_em.num_iters=64"
   [denoise]="--config.gaussian_em.rank=0 --config.gaussian_em.init_var=0.01 --config.gaussian_em.num_iters=16")
-# Observations per lap that fit the flowdiff_warm_start row's wall time (513 /
+# Observations per lap that fit the flowdiff row (the warm start)'s wall time (513 /
 # 1176 / 559 s for denoise / inpaint / blur, experiments/fmnist/warm_start/wall_times.txt).
 declare -A NUM=([mmps]="denoise=640 inpaint=960 blur=640" [dps]="denoise=1280 inpaint=1920 blur=1280")
 # DPS ζ at 32 steps, the best of {1, 3, 10} (denoise) and {1, 3, 10, 30} (blur) on test

@@ -8,9 +8,10 @@
 # experiments/gaussian_em/sweep.json (never the evaluated ones).
 # Run from the repository root:
 #   bash experiments/fmnist/run_warm.sh [PYTHON] [WORKDIR_ROOT] [TASK ...]
-# Rerunning resumes unfinished runs; the key in results.json is flowdiff_warm_start.
+# Rerunning resumes unfinished runs; the key in results.json is flowdiff (the
+# Fashion-MNIST configs' default; run.sh's flowdiff is flowdiff_no_warm_start).
 # STEPS=6000 bash ... trains 6000 steps instead (the run is named
-# <task>_flowdiff_warm_6000, key flowdiff_warm_start_6000): about the wall time
+# <task>_flowdiff_warm_6000, key flowdiff_6000): about the wall time
 # of the em_mmps rows on this machine, for the equal-wall-time comparison.
 # HANDOVER="G H" adds flowdiff's prior hand-over: the flow's prior term is the
 # fitted Gaussian for G steps, then moves to the diffusion prior over H steps
@@ -18,7 +19,8 @@
 # is named <task>_flowdiff_handover[_<steps>], key flowdiff_handover[_<steps>].
 # DECAY=1 decays both learning rates (score network and flow) by a cosine to 0 at
 # the last step (optim/flow_optim.decay_steps = STEPS); "_cosine" is appended to
-# the run's name and key. run.sh's DECAY=1 gives naive the same schedule.
+# the run's name (key flowdiff_cosine[SUFFIX], from experiments/fmnist/cosine/).
+# run.sh's DECAY=1 gives naive the same schedule.
 # FLAGS="--config.a=b ..." SUFFIX=_name: any other flags, the run named with SUFFIX.
 set -e
 STEPS=${STEPS:-2000}
