@@ -44,6 +44,8 @@ run() {  # task config method
   name=$3
   [ "$STEPS" = 2000 ] || name=${name}_$STEPS
   name=$name$SUFFIX
+  # A finished run is skipped (rerunning it would only add a wall-time line).
+  [ -e "$ROOT/$1_$name/checkpoints/$STEPS" ] && return
   start=$(date +%s)
   $PY -m flowdiff_jax.main --config=configs/$2.py $COMMON --config.method=$3 \
     --workdir=$ROOT/$1_$name

@@ -60,10 +60,12 @@ NAME=$NAME${SUFFIX:-}
 for task in $TASKS; do
   run=${task}_$NAME
   [ "$STEPS" = 2000 ] || run=${run}_$STEPS
-  start=$(date +%s)
-  $PY -m flowdiff_jax.main --config=configs/${CONFIG[$task]}.py $COMMON ${EM[$task]} $EXTRA \
-    --config.method=flowdiff --workdir=$ROOT/$run
-  echo "$task ${run#${task}_}: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
+  if [ ! -e "$ROOT/$run/checkpoints/$STEPS" ]; then  # finished runs are not rerun
+    start=$(date +%s)
+    $PY -m flowdiff_jax.main --config=configs/${CONFIG[$task]}.py $COMMON ${EM[$task]} $EXTRA \
+      --config.method=flowdiff --workdir=$ROOT/$run
+    echo "$task ${run#${task}_}: $(( $(date +%s) - start )) s" | tee -a $ROOT/wall_times.txt
+  fi
   if [ ! -e $ROOT/$run/eval/metrics.json ]; then
     start=$(date +%s)
     $PY -m flowdiff_jax.evaluate --workdir=$ROOT/$run --num_samples=500 \
