@@ -197,6 +197,133 @@ def dsm_loss(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array, 
   return jnp.mean(jnp.square(err), axis=tuple(range(1, x.ndim)))
 
 
+def _bound_constant_terms(schedule: VPSchedule, x: jax.Array):
+  """nll_bound's prior term [B] (differentiable in x) and decoder constant (a float)."""
+  dims = math.prod(x.shape[1:])
+  alpha_1, sigma_1 = schedule.alpha_sigma(1.0)
+  prior = 0.5 * (alpha_1**2 * jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) +
+                 dims * (sigma_1**2 - 1.0 - jnp.log(sigma_1**2)))
+  decoder = 0.5 * dims * (1.0 + math.log(2 * math.pi) - schedule.log_snr(schedule.t_min))
+  return prior, decoder
+
+
+def _time_draw(schedule: VPSchedule, key: jax.Array, x: jax.Array, time_sampling: str,
+               axis_name: str | None):
+  """One (t [B], ε like x, w) draw of nll_bound's diffusion term; w = −λ'(t) / density(t)."""
+  time_key, eps_key = jax.random.split(key)
+  lam_max, lam_1 = schedule.log_snr(schedule.t_min), schedule.log_snr(1.0)
+  if time_sampling == "log_snr":
+    lam = rng_lib.uniform(time_key, x.shape[:1], lam_1, lam_max, jnp.float32,
+                          axis_name=axis_name)
+    t = schedule.t_from_log_snr(lam)
+    weight = lam_max - lam_1
+  else:
+    t = rng_lib.uniform(time_key, x.shape[:1], schedule.t_min, 1.0, jnp.float32,
+                        axis_name=axis_name)
+    weight = (1.0 - schedule.t_min) * -schedule.dlog_snr_dt(t)
+  eps = rng_lib.normal(eps_key, x.shape, x.dtype, axis_name=axis_name)
+  return t, eps, jnp.broadcast_to(weight, t.shape)
+
+
+def uniform_time_weight(schedule: VPSchedule, t: jax.Array, time_sampling: str) -> jax.Array:
+  """[B] importance weights that turn draws of nll_bound's t into `dsm_loss`'s U(t_min, 1).
+
+  The density of U(t_min, 1) over that of the proposal: 1 for "uniform"; for
+  "log_snr" (density −λ'(t) / (λ(t_min) − λ(1))) it is
+  (λ(t_min) − λ(1)) / ((1 − t_min) (−λ'(t))), whose mean under the proposal is 1.
+  """
+  if time_sampling == "uniform":
+    return jnp.ones_like(t)
+  lam_range = schedule.log_snr(schedule.t_min) - schedule.log_snr(1.0)
+  return lam_range / ((1.0 - schedule.t_min) * -schedule.dlog_snr_dt(t))
+
+
+ScoreApply = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _split_gradient_squared_error(net: ScoreApply):
+  """(params, z [N, ...], t [N], ε [N, ...], key) -> (e_z, e_params), each [N].
+
+  Both outputs are the same value, Σ_pixels (net(params, z, t, key) − ε)²,
+  with the gradient split: e_z's reaches z only (as if params were under
+  stop_gradient), e_params's reaches params only (as if z were). Both come
+  from one forward and one backward pass of the network: the two squared
+  errors of row i share the error r_i, so their output cotangents 2 g_z,i r_i
+  and 2 g_p,i r_i are parallel; the backward pass runs once with 2 g_p,i r_i
+  (which is exactly params' gradient) and rescales row i of z's gradient by
+  g_z,i / g_p,i. A row whose e_params has a zero cotangent gets no z-gradient
+  either: the caller must weight e_params positively on every row (the DSM
+  loss does). t, ε and key get no gradient.
+  """
+  def forward(params, z, t, eps, key):
+    eps_hat, vjp = jax.vjp(lambda p, z_: net(p, z_, t, key), params, z)
+    err = eps_hat - eps.astype(eps_hat.dtype)         # in the network's dtype
+    err32 = err.astype(jnp.float32)
+    sq = jnp.sum(jnp.square(err32), axis=tuple(range(1, err.ndim)))
+    return (sq, sq), (err, vjp)
+
+  @jax.custom_vjp
+  def squared_error(params, z, t, eps, key):
+    return forward(params, z, t, eps, key)[0]
+
+  def backward(res, cotangents):
+    err, vjp = res
+    g_z, g_p = cotangents
+    params_bar, z_bar = vjp((2.0 * _bcast(g_p, err) * err.astype(jnp.float32)).astype(err.dtype))
+    safe = jnp.where(g_p != 0, g_p, 1.0)
+    ratio = jnp.where(g_p != 0, g_z / safe, 0.0)
+    return params_bar, (_bcast(ratio, z_bar) * z_bar).astype(z_bar.dtype), None, None, None
+
+  squared_error.defvjp(forward, backward)
+  return squared_error
+
+
+def nll_bound_and_dsm(net: ScoreApply, params: Any, schedule: VPSchedule, x: jax.Array,
+                      rng: jax.Array, dropout_rng: jax.Array, *, num_time_samples: int = 1,
+                      time_sampling: str = "log_snr", axis_name: str | None = None):
+  """FlowDiff's two uses of the score network from one pass: (bound [B], dsm [B]).
+
+  bound is `nll_bound(x)` (gradient "exact") with the gradient reaching x only;
+  dsm is a denoising score-matching loss of the network on x (mean over
+  pixels, as `dsm_loss`) with the gradient reaching params only, so
+  β·bound + dsm trains the flow through x and the network through params as
+  the two separate passes of `losses.flowdiff_loss` do, at about half the
+  network cost: one forward and one backward pass instead of two of each
+  (`_split_gradient_squared_error`).
+
+  What differs from the two passes: both terms use the same (t, ε) draws and
+  the network in training mode (dropout on, key `dropout_rng`) for the bound
+  too; t is drawn from the bound's proposal (`time_sampling`) and the DSM
+  term is importance-weighted to dsm_loss's U(t_min, 1) (`uniform_time_weight`),
+  so each term has its two-pass expectation, and with num_time_samples K the
+  DSM term averages its K draws. Deterministic networks (dropout 0) give
+  exactly the two-pass values for the same draws.
+
+  Args:
+    net: (params, x_t [N, H, W, C], t [N], dropout key) -> ε̂, static.
+    params: the network's params θ.
+    schedule, x, rng, num_time_samples, time_sampling, axis_name: as `nll_bound`.
+    dropout_rng: the network's dropout key.
+  Returns:
+    (bound [B] nats per image, dsm [B] per dimension).
+  """
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+  prior, decoder = _bound_constant_terms(schedule, x)
+  k, b = num_time_samples, x.shape[0]
+  t, eps, weight = jax.vmap(lambda key: _time_draw(schedule, key, x, time_sampling, axis_name))(
+      jax.random.split(rng, k))                   # t, weight [K, B]; eps [K, B, ...]
+  flat = lambda a: a.reshape((k * b,) + a.shape[2:])
+  z = q_sample(schedule, flat(jnp.broadcast_to(x, (k,) + x.shape)), flat(t), flat(eps))
+  e_z, e_params = _split_gradient_squared_error(net)(params, z, flat(t), flat(eps),
+                                                     dropout_rng)
+  bound = prior + decoder + jnp.mean(0.5 * weight * e_z.reshape(k, b), axis=0)
+  dims = math.prod(x.shape[1:])
+  dsm = jnp.mean(uniform_time_weight(schedule, t, time_sampling) * e_params.reshape(k, b),
+                 axis=0) / dims
+  return bound, dsm
+
+
 def sample(eps_fn: EpsFn, schedule: VPSchedule, rng: jax.Array,
            shape: tuple[int, ...], *, sampler: str = "ddim",
            num_steps: int = 100, clip: bool = True) -> jax.Array:
@@ -310,27 +437,11 @@ def nll_bound(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, rng: jax.Array,
     raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
   if gradient not in PRIOR_GRADIENTS:
     raise ValueError(f"gradient must be one of {PRIOR_GRADIENTS}, got {gradient!r}")
-  dims = math.prod(x.shape[1:])
-  lam_min = schedule.log_snr(schedule.t_min)
-  alpha_1, sigma_1 = schedule.alpha_sigma(1.0)
+  prior, decoder = _bound_constant_terms(schedule, x)
   sum_pixels = lambda a: jnp.sum(a, axis=tuple(range(1, x.ndim)))
-  prior = 0.5 * (alpha_1**2 * sum_pixels(jnp.square(x)) +
-                 dims * (sigma_1**2 - 1.0 - jnp.log(sigma_1**2)))
-  decoder = 0.5 * dims * (1.0 + math.log(2 * math.pi) - lam_min)
-  lam_max, lam_1 = lam_min, schedule.log_snr(1.0)
 
   def one_draw(key):
-    time_key, eps_key = jax.random.split(key)
-    if time_sampling == "log_snr":
-      lam = rng_lib.uniform(time_key, x.shape[:1], lam_1, lam_max, jnp.float32,
-                            axis_name=axis_name)
-      t = schedule.t_from_log_snr(lam)
-      weight = lam_max - lam_1
-    else:
-      t = rng_lib.uniform(time_key, x.shape[:1], schedule.t_min, 1.0, jnp.float32,
-                          axis_name=axis_name)
-      weight = (1.0 - schedule.t_min) * -schedule.dlog_snr_dt(t)
-    eps = rng_lib.normal(eps_key, x.shape, x.dtype, axis_name=axis_name)
+    t, eps, weight = _time_draw(schedule, key, x, time_sampling, axis_name)
     if gradient == "exact":
       err = eps_fn(q_sample(schedule, x, t, eps), t) - eps
       return 0.5 * weight * sum_pixels(jnp.square(err))

@@ -56,7 +56,8 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
                         beta_prior: float | jax.Array = 1.0,
                         beta_ent: float | jax.Array = 1.0, residual: bool = False,
                         x_hat: jax.Array | None = None,
-                        axis_name: str | None = None, return_samples: bool = False):
+                        axis_name: str | None = None, return_samples: bool = False,
+                        prior_has_aux: bool = False):
   """Monte-Carlo amortized-inference loss of the flow, per dimension.
 
   Args:
@@ -76,6 +77,8 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
     axis_name: the mapped axis under shard_map/pmap (None under jit): the
       base draws are then this device's rows of the global draw.
     return_samples: also return the samples x [B·S, H, W, C] (batch-major).
+    prior_has_aux: prior_log_prob returns (log p(x) [B·S], aux), aux a dict of
+      scalars that is added to the terms as it is.
   Returns:
     (loss, terms), or (loss, terms, x). Every value is averaged over samples and
     batch and divided by D = H·W·C (nats per dimension):
@@ -101,14 +104,16 @@ def amortized_flow_loss(flow: flow_lib.ConditionalGlow, flow_params: Any, rng: j
   repeat = lambda a: jnp.repeat(a, num_samples, axis=0)
   residual_y = repeat(y) - op.apply(x, jax.tree.map(repeat, omega))
   data = jnp.sum(residual_y**2, axis=(1, 2, 3)) / (2.0 * sigma_y**2)
-  prior_nll = -prior_log_prob(x)
+  prior_out = prior_log_prob(x)
+  log_prior, prior_aux = prior_out if prior_has_aux else (prior_out, {})
+  prior_nll = -log_prior
 
   data_fidelity = jnp.mean(data) / dims
   prior_term = jnp.mean(prior_nll) / dims
   log_q_term = jnp.mean(log_q) / dims
   loss = beta_data * data_fidelity + beta_prior * prior_term + beta_ent * log_q_term
   terms = {"data_fidelity": data_fidelity, "prior_nll": prior_term,
-           "log_q": log_q_term, "loss": loss}
+           "log_q": log_q_term, "loss": loss, **prior_aux}
   return (loss, terms, x) if return_samples else (loss, terms)
 
 
@@ -154,7 +159,9 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
                   time_sampling: str = "log_snr", prior_gradient: str = "exact",
                   x_hat: jax.Array | None = None,
                   gaussian_log_prob: Callable[[jax.Array], jax.Array] | None = None,
-                  diffusion_weight: float | jax.Array = 1.0, axis_name: str | None = None):
+                  diffusion_weight: float | jax.Array = 1.0, axis_name: str | None = None,
+                  score_apply: diffusion.ScoreApply | None = None,
+                  dropout_rng: jax.Array | None = None):
   """The joint FlowDiff loss: L_flow(φ; sg θ) + L_DSM(θ; sg x), per dimension.
 
   Args:
@@ -176,12 +183,45 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
       (1 − w) log N + w (diffusion bound) with w = diffusion_weight (a scalar
       in [0, 1], possibly traced); a term whose weight is 0 is not computed.
     axis_name: the mapped axis under shard_map/pmap, None under jit.
+    score_apply, dropout_rng: when given ((params, x_t, t, dropout key) -> ε̂
+      and its key), the prior bound and the DSM loss share one pass of the
+      score network (`diffusion.nll_bound_and_dsm`: the same (t, ε) draws, the
+      network in training mode for both, the DSM importance-weighted from the
+      bound's time proposal) instead of a pass each; make_eps_fn is then
+      unused and prior_gradient must be "exact".
   Returns:
     (total, terms): terms has the flow's terms (`amortized_flow_loss`),
     "flow_loss" (its weighted sum), "dsm_loss" (squared ε error per dimension
     of the score network on the flow samples) and "loss" (= total).
   """
   flow_rng, prior_rng, dsm_rng = jax.random.split(rng, 3)
+  flow_kwargs = dict(num_samples=num_samples, beta_data=beta_data, beta_prior=beta_prior,
+                     beta_ent=beta_ent, residual=residual, x_hat=x_hat, axis_name=axis_name,
+                     return_samples=True)
+  if score_apply is not None:
+    if prior_gradient != "exact":
+      raise ValueError("the shared score pass needs prior_gradient='exact', got "
+                       f"{prior_gradient!r}")
+
+    def prior_and_dsm(x):
+      bound, dsm_per_example = diffusion.nll_bound_and_dsm(
+          score_apply, score_params, schedule, x, prior_rng, dropout_rng,
+          num_time_samples=num_time_samples, time_sampling=time_sampling, axis_name=axis_name)
+      log_p = -bound
+      if gaussian_log_prob is not None:
+        # No skipping of the diffusion term here: the DSM loss needs its pass anyway.
+        weight = jnp.asarray(diffusion_weight, jnp.float32)
+        gauss = jax.lax.cond(weight < 1, lambda: (1.0 - weight) * gaussian_log_prob(x),
+                             lambda: jnp.zeros(x.shape[:1], jnp.float32))
+        log_p = weight * log_p + gauss
+      return log_p, {"dsm_loss": jnp.mean(dsm_per_example)}
+
+    flow_loss, terms, _ = amortized_flow_loss(
+        flow, flow_params, flow_rng, y, omega, op, prior_and_dsm, prior_has_aux=True,
+        **flow_kwargs)
+    dsm = terms["dsm_loss"]
+    total = flow_loss + dsm
+    return total, {**terms, "flow_loss": flow_loss, "loss": total}
   # θ̄ = sg(θ): the prior term trains the flow only.
   frozen = make_eps_fn(jax.lax.stop_gradient(score_params), False)
   prior = diffusion_log_prob(frozen, schedule, prior_rng, num_time_samples=num_time_samples,
@@ -190,9 +230,7 @@ def flowdiff_loss(flow: flow_lib.ConditionalGlow, flow_params: Any,
   if gaussian_log_prob is not None:
     prior = _handover_prior(gaussian_log_prob, prior, diffusion_weight)
   flow_loss, terms, x = amortized_flow_loss(
-      flow, flow_params, flow_rng, y, omega, op, prior, num_samples=num_samples,
-      beta_data=beta_data, beta_prior=beta_prior, beta_ent=beta_ent, residual=residual,
-      x_hat=x_hat, axis_name=axis_name, return_samples=True)
+      flow, flow_params, flow_rng, y, omega, op, prior, **flow_kwargs)
   # sg(x): the score loss trains the score network only.
   dsm = jnp.mean(diffusion.dsm_loss(make_eps_fn(score_params, True), schedule,
                                     jax.lax.stop_gradient(x), dsm_rng, axis_name=axis_name))

@@ -240,6 +240,16 @@ def test_bad_values_name_the_field_and_allowed_values(field, value, message):
   assert message in str(err.value)
 
 
+def test_shared_score_pass_needs_the_exact_prior_gradient():
+  config = tiny.get_config()
+  config.method = "flowdiff"
+  config.flowdiff.shared_score_pass = True
+  validate_config(config)
+  config.amortized.prior_gradient = "sds"
+  with pytest.raises(ConfigError, match=r"shared_score_pass=True: .*prior_gradient='exact'"):
+    validate_config(config)
+
+
 def test_blur_kernel_must_be_odd():
   config = tiny.get_config()
   config.operator.name = "blur"

@@ -73,6 +73,8 @@ class Objective:
       for the first gaussian_prior_steps steps, then moves linearly to the
       diffusion prior's bound over handover_steps (`prior_handover`); both 0:
       the diffusion prior throughout.
+    shared_score_pass: "flowdiff" only: the flow's prior bound and the DSM
+      loss share one score-network pass (`diffusion.nll_bound_and_dsm`).
   """
   method: str
   schedule: diffusion.VPSchedule
@@ -95,6 +97,7 @@ class Objective:
   flow_base: str = "pinv"
   gaussian_prior_steps: int = 0
   handover_steps: int = 0
+  shared_score_pass: bool = False
 
   @property
   def gaussian_prior(self) -> bool:
@@ -444,6 +447,12 @@ def init_score(obj: Objective, rng: jax.Array, shape: tuple[int, int, int]) -> A
   """Score-network params for images of `shape` (H, W, C)."""
   x = jnp.zeros((1, *shape), jnp.float32)
   return obj.score_net.init(rng, x, jnp.zeros((1,)), train=False)["params"]
+
+
+def score_apply(obj: Objective) -> diffusion.ScoreApply:
+  """(params, x_t [B, H, W, C], t [B], dropout key) -> ε̂ of the score network in training mode."""
+  return lambda params, x_t, t, key: obj.score_net.apply(
+      {"params": params}, x_t, t, train=True, rngs={"dropout": key})
 
 
 def eps_fn(obj: Objective, score_params, *, train: bool = False, dropout_rng=None):

@@ -31,6 +31,12 @@ class FlowDiff(base.Method):
       value = config.flowdiff.get(field, 0)
       if not isinstance(value, int) or value < 0:
         configcheck.fail(f"flowdiff.{field}", value, "must be an integer >= 0")
+    shared = config.flowdiff.get("shared_score_pass", False)  # a bool: ConfigDict checks
+    if shared and config.amortized.prior_gradient != "exact":
+      configcheck.fail("flowdiff.shared_score_pass", shared,
+                       "shares the U-Net's backward pass between the flow's prior bound and "
+                       "the DSM loss, which needs amortized.prior_gradient='exact' (with "
+                       f"{config.amortized.prior_gradient!r} the bound has no backward pass)")
     if base.gaussian_handover(config) and config.flow.get("base", "pinv") != "gaussian_em":
       configcheck.fail("flowdiff.gaussian_prior_steps", config.flowdiff.gaussian_prior_steps,
                        "the prior hand-over starts from the Gaussian fitted for "
@@ -40,7 +46,8 @@ class FlowDiff(base.Method):
     obj = base.flow_objective(base.base_objective(config, channels), config, prior="diffusion")
     fd = config.flowdiff
     return dataclasses.replace(obj, gaussian_prior_steps=int(fd.get("gaussian_prior_steps", 0)),
-                               handover_steps=int(fd.get("handover_steps", 0)))
+                               handover_steps=int(fd.get("handover_steps", 0)),
+                               shared_score_pass=bool(fd.get("shared_score_pass", False)))
 
   def init_params(self, obj, config, rng, batch, prior_params=None,
                   fitted_params=None) -> dict[str, Any]:
@@ -72,18 +79,20 @@ class FlowDiff(base.Method):
 
     def loss_fn(params):
       x_hat = base.flow_estimate(obj, params, batch["y"], batch["omega"])
-      handover, extra = {}, {}
+      options, extra = {}, {}
       if obj.gaussian_prior:
         fitted = jax.lax.stop_gradient(params[base.GAUSSIAN_PRIOR_KEY])
-        handover = {"gaussian_log_prob": lambda x: gaussian_em.log_density(fitted, x),
-                    "diffusion_weight": diffusion_weight}
+        options = {"gaussian_log_prob": lambda x: gaussian_em.log_density(fitted, x),
+                   "diffusion_weight": diffusion_weight}
         extra = {"diffusion_weight": diffusion_weight}
+      if obj.shared_score_pass:
+        options.update(score_apply=base.score_apply(obj), dropout_rng=dropout_rng)
       loss, terms = losses.flowdiff_loss(
           obj.flow, params["flow"], make_eps_fn, params["score"], obj.schedule, loss_rng,
           batch["y"], batch["omega"], obj.operator, num_samples=obj.num_flow_samples,
           residual=obj.residual, num_time_samples=obj.num_time_samples,
           time_sampling=obj.time_sampling, prior_gradient=obj.prior_gradient, x_hat=x_hat,
-          axis_name=axis_name, **weights, **handover)
+          axis_name=axis_name, **weights, **options)
       return loss, {**terms, **weights, **extra}
     return loss_fn
 
