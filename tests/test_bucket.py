@@ -37,11 +37,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _with_generation_headers(server_module, objects) -> None:
+def _with_generation_headers(server_module, objects):
   """Media downloads also carry x-goog-generation, as Cloud Storage's do.
 
   tensorstore reads an object's generation from that header (to condition its
-  next write on it); the emulator sends it only in the JSON metadata.
+  next write on it); the emulator sends it only in the JSON metadata. Returns
+  a function that puts the emulator's own handlers back.
   """
   def download(request, response, storage, *args, **kwargs):
     try:
@@ -57,12 +58,17 @@ def _with_generation_headers(server_module, objects) -> None:
       return download(request, response, storage, *args, **kwargs)
     return objects.get(request, response, storage, *args, **kwargs)
 
+  replaced = []
   for _, handlers in server_module.HANDLERS:
     for method, handler in list(handlers.items()):
-      if handler is objects.download:
-        handlers[method] = download
-      elif handler is objects.get:
-        handlers[method] = get
+      if handler in (objects.download, objects.get):
+        replaced.append((handlers, method, handler))
+        handlers[method] = download if handler is objects.download else get
+
+  def restore():
+    for handlers, method, handler in replaced:
+      handlers[method] = handler
+  return restore
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def gcs_env():
   from gcp_storage_emulator.handlers import objects
   from gcp_storage_emulator.server import create_server
 
-  _with_generation_headers(server_module, objects)
+  restore_handlers = _with_generation_headers(server_module, objects)
   port = _free_port()
   server = create_server("localhost", port, in_memory=True, default_bucket=BUCKET)
   server.start()
@@ -102,6 +108,7 @@ def gcs_env():
       os.environ[k] = v
   gpath._is_tf_installed.cache_clear()
   server.stop()
+  restore_handlers()
 
 
 def _train_flags(workdir: str, idx_dir: str) -> list[str]:
