@@ -14,10 +14,16 @@ being `config.method` names (a variant gets its own key). Sources:
   repository), marked with their source.
 * gaussian_em: experiments/gaussian_em/results.json (its run_all.sh), the row
   named after the task.
-* flowdiff: the Fashion-MNIST configs' default, the Gaussian-EM warm start:
-  experiments/fmnist/warm_start/<task>_flowdiff_warm/metrics.json, the
-  evaluation of run_warm.sh's runs copied from their workdirs (with
-  wall_times.txt). flowdiff_6000 / flowdiff_4000: the same, trained 6000
+* flowdiff: the Fashion-MNIST configs' default (since 2026-12-06): the
+  Gaussian-EM warm start with entropy annealing and flow lr 1e-3,
+  experiments/fmnist/warm_start/<task>_flowdiff_warm_entanneal_flr1e3/metrics.json
+  (run_warm.sh's SUFFIX=_entanneal_flr1e3 runs). flowdiff_beta_ent_constant:
+  the warm start with constant β_ent = 1 and flow lr 5e-4 (the default from
+  2026-12-02 to 12-06): warm_start/<task>_flowdiff_warm/metrics.json, the
+  evaluation of run_warm.sh's plain runs copied from their workdirs (with
+  wall_times.txt); the other warm_start/<task>_flowdiff_warm_<variant>/ rows
+  (flowdiff_<variant>) change that run by their FLAGS.
+  flowdiff_6000 / flowdiff_4000: flowdiff_beta_ent_constant trained 6000
   (denoise, blur) / 4000 (inpaint) steps (STEPS=... run_warm.sh;
   warm_start/<task>_flowdiff_warm_<steps>/), about the wall time of the em_mmps
   rows on this machine. flowdiff_handover: run_warm.sh's runs with the prior
@@ -25,7 +31,7 @@ being `config.method` names (a variant gets its own key). Sources:
 * em_mmps / em_dps: experiments/fmnist/em/<task>_em_<e_step>/metrics.json
   (the evaluation of run_em.sh's runs) and inverse.json (the E-step's
   sampler restoring the first 64 test observations under the final prior),
-  copied from their workdirs, with em/wall_times.txt. The flowdiff row's
+  copied from their workdirs, with em/wall_times.txt. The flowdiff_beta_ent_constant row's
   one-sample PSNR and images/s on the same 64 images come from
   warm_start/<task>_flowdiff_warm/inverse.json (its flow_sample row).
 * clean_6000 / naive_6000: experiments/fmnist/long/<run>/metrics.json, run.sh's
@@ -250,6 +256,13 @@ def build(root: str) -> dict:
     # run_warm.sh's variants (FLAGS=... SUFFIX=_<variant>), at the 2000-step protocol.
     for run in _runs("warm_start", rf"{task}_flowdiff_warm_([a-z]\w*)"):
       rows[f"flowdiff_{run[1]}"] = _warm_start_row(task, 2000, run[0][len(task) + 1:])
+    # Since 2026-12-06 the configs' default is entropy annealing with flow lr 1e-3:
+    # run_warm.sh's SUFFIX=_entanneal_flr1e3 run. Its plain run (pinned to the
+    # earlier default, constant β_ent = 1 and flow lr 5e-4) keeps its own key.
+    if "flowdiff_entanneal_flr1e3" in rows:
+      if "flowdiff" in rows:
+        rows["flowdiff_beta_ent_constant"] = rows.pop("flowdiff")
+      rows["flowdiff"] = rows.pop("flowdiff_entanneal_flr1e3")
     for e_step in ("mmps", "dps"):
       row = _em_row(task, e_step)
       if row is not None:

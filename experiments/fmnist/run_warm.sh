@@ -8,8 +8,9 @@
 # experiments/gaussian_em/sweep.json (never the evaluated ones).
 # Run from the repository root:
 #   bash experiments/fmnist/run_warm.sh [PYTHON] [WORKDIR_ROOT] [TASK ...]
-# Rerunning resumes unfinished runs; the key in results.json is flowdiff (the
-# Fashion-MNIST configs' default; run.sh's flowdiff is flowdiff_no_warm_start).
+# Rerunning resumes unfinished runs; the key in results.json is
+# flowdiff_beta_ent_constant (the Fashion-MNIST configs' default until
+# 2026-12-06, see below; run.sh's flowdiff is flowdiff_no_warm_start).
 # STEPS=6000 bash ... trains 6000 steps instead (the run is named
 # <task>_flowdiff_warm_6000, key flowdiff_6000): about the wall time
 # of the em_mmps rows on this machine, for the equal-wall-time comparison.
@@ -22,6 +23,13 @@
 # the run's name (key flowdiff_cosine[SUFFIX], from experiments/fmnist/cosine/).
 # run.sh's DECAY=1 gives naive the same schedule.
 # FLAGS="--config.a=b ..." SUFFIX=_name: any other flags, the run named with SUFFIX.
+# The runs pin β_ent = 1 (constant) and flow lr 5e-4, the configs' defaults when
+# these runs began (2026-12-02), so every run keeps its meaning; since 2026-12-06
+# the configs default to entropy annealing and flow lr 1e-3, which is
+#   FLAGS="--config.amortized.beta_ent_init=0.1 --config.amortized.beta_ent_anneal_steps=1500 \
+#     --config.flow_optim.learning_rate=1e-3" SUFFIX=_entanneal_flr1e3
+# (results.json's `flowdiff` key; the pinned run is `flowdiff_beta_ent_constant`).
+# FLAGS come after the pins: later flags win.
 set -e
 STEPS=${STEPS:-2000}
 HANDOVER=${HANDOVER:-}
@@ -36,7 +44,9 @@ COMMON="--config.model.base_channels=16 --config.model.num_groups=4 \
  --config.training.checkpoint_every_steps=250 --config.optim.learning_rate=1e-3 \
  --config.optim.warmup_steps=100 --config.optim.ema_decay=0.995 --config.eval.num_samples=36 \
  --config.eval.sample_steps=100 --config.amortized.beta_prior_warmup_steps=300 \
- --config.flow.base=gaussian_em"
+ --config.flow.base=gaussian_em \
+ --config.amortized.beta_ent_init=1.0 --config.amortized.beta_ent_anneal_steps=0 \
+ --config.flow_optim.learning_rate=5e-4"
 declare -A CONFIG=([denoise]=fmnist_noise [inpaint]=fmnist_inpaint [blur]=fmnist_blur)
 declare -A EM=(
   [inpaint]="--config.gaussian_em.rank=64 --config.gaussian_em.init_var=1.0 --config.gaussian_em.num_iters=48"

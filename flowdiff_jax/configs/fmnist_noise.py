@@ -34,7 +34,18 @@ def get_config():
   # a dense Σ, the unseen directions starting at variance 0.01, 16 iterations.
   config.flow.base = "gaussian_em"
   config.gaussian_em.update(rank=0, init_var=0.01, num_iters=16)
-  config.flow_optim.learning_rate = 5e-4
+  # Entropy annealing (β_ent 0.1 -> 1 over the first 1500 steps) and twice the
+  # flow's earlier learning rate (5e-4): at experiments/fmnist's 2000-step
+  # protocol this beats the constant β_ent = 1 on every task's prior (FD 45.3 /
+  # 46.5 for two seeds against 55.9 on denoising, 46.5 against 49.4 on
+  # inpainting, 67.1 against 105.7 on blur) and posterior mean (24.70 / 24.64
+  # against 24.08 dB on denoising), but leaves the posterior too narrow where
+  # the operator hides something (blur: 47 % of pixels within one std).
+  # Measured at 2000 steps only; the 1500-step ramp does not scale with
+  # num_train_steps.
+  config.amortized.beta_ent_init = 0.1
+  config.amortized.beta_ent_anneal_steps = 1500
+  config.flow_optim.learning_rate = 1e-3
   config.flow_optim.warmup_steps = 100
   config.amortized.beta_prior_warmup_steps = 1000
   config.amortized.eval_num_samples = 16
