@@ -140,7 +140,8 @@ def run_bench_with_dw9(bench_args: str) -> None:
 
   unet._conv3x3 = conv3x3  # noqa: SLF001
   here = os.path.dirname(os.path.abspath(__file__))
-  sys.argv = [os.path.join(here, "bench.py"), *shlex.split(bench_args)]
+  # Relative to the working directory: bench.py records its command line.
+  sys.argv = [os.path.relpath(os.path.join(here, "bench.py")), *shlex.split(bench_args)]
   runpy.run_path(sys.argv[0], run_name="__main__")
 
 
