@@ -78,6 +78,7 @@ class Options:
   num_reference: int = 10_000
   num_posterior_images: int | None = None
   posterior_samples: int | None = None
+  posterior_params: str | None = None
   posterior_batch_size: int = 64
   inception_weights: str | None = None
   classifier_weights: str | None = None
@@ -184,8 +185,9 @@ def posterior_metrics(state: step_lib.TrainState, config: ml_collections.ConfigD
   """PSNR/SSIM of the flow's posterior mean (and of y, A⁺y) on held-out images; the grid.
 
   Returns:
-    (metrics, grid): metrics {"num_images", "num_samples", "<row>/<metric>":
-    {"mean", "sem"}, "posterior_std": {...}}; grid uint8 [rows, cols, C] of
+    (metrics, grid): metrics {"num_images", "num_samples", "flow_params"
+    ("params" or "ema"), "<row>/<metric>": {"mean", "sem"}, "posterior_std":
+    {...}}; grid uint8 [rows, cols, C] of
     the first 8 images.
   """
   num_images = opts.num_posterior_images or config.data.num_eval_examples
@@ -215,7 +217,7 @@ def posterior_metrics(state: step_lib.TrainState, config: ml_collections.ConfigD
       grid = _posterior_grid(jax.device_get(columns), rows=8)
   metrics = {k: reporting.mean_sem(np.concatenate(v)) for k, v in per_example.items()}
   metrics.update(num_images=int(sum(len(b["index"]) for b in raw_batches)),
-                 num_samples=num_samples)
+                 num_samples=num_samples, flow_params=state.objective.posterior_params)
   return metrics, grid
 
 
@@ -426,7 +428,8 @@ def to_markdown(results: dict[str, Any]) -> str:
   post = results.get("posterior")
   if post:
     lines += [f"## Posterior recovery ({post['num_images']} held-out test images, "
-              f"{post['num_samples']} flow samples each)", "",
+              f"{post['num_samples']} flow samples each, flow params "
+              f"{post.get('flow_params', 'params')})", "",
               "| estimate | PSNR (dB) ↑ | SSIM ↑ |", "|---|---:|---:|"]
     for key, label in (("posterior_mean", "posterior mean"), ("observation", "observation y"),
                        ("pinv", "A⁺y"), ("flow_base", "the flow's base x̂₀(y)")):
@@ -505,6 +508,10 @@ def evaluate_run(workdir: str, opts: Options, command: str = "") -> dict[str, An
                      f"{', '.join(sorted(data.DATASETS))}.")
   step = int(jax.device_get(state.step))
   logging.info("Loaded %s (method %s) at step %d.", workdir, config.method, step)
+  if opts.posterior_params is not None and state.objective.flow is not None:
+    # The objective is static: a copy that draws with the other flow params.
+    state = state.replace(objective=dataclasses.replace(
+        state.objective, posterior_params=opts.posterior_params))
   post_rng, sample_rng = jax.random.split(jax.random.key(opts.seed))
   results: dict[str, Any] = {
       "run": {"workdir": workdir, "method": config.method, "step": step,
@@ -572,6 +579,9 @@ def _define_flags() -> None:
                        "config.data.num_eval_examples.")
   flags.DEFINE_integer("posterior_samples", None,
                        "Flow samples per image; default config.amortized.eval_num_samples.")
+  flags.DEFINE_enum("posterior_params", None, list(method_base.POSTERIOR_PARAMS),
+                    "Flow params of the posterior samples: the current ones or their EMA; "
+                    "default config.amortized.posterior_params.")
   flags.DEFINE_integer("posterior_batch_size", _DEFAULTS.posterior_batch_size,
                        "Held-out images per posterior batch (whole batches only).")
   flags.DEFINE_string("inception_weights", None,

@@ -221,10 +221,11 @@ def posterior_samples(state: TrainState, batch: Batch, rng: jax.Array,
                       num_samples: int, *, axis_name: str | None = None) -> jax.Array:
   """Draws [num_samples, B, H, W, C] from the flow's q(x | y, ω) ("amortized", "flowdiff").
 
-  The flow's current params are used: the EMA (decay tuned for the score
-  network's long runs) would lag a flow trained for a few thousand steps.
+  With the flow params that amortized.posterior_params names: the current
+  ones (default) or their EMA (`base.posterior_params`).
   """
-  return base.flow_samples(state.objective, state.params, batch, rng, num_samples,
+  params = base.posterior_params(state.objective, state.params, state.ema_params)
+  return base.flow_samples(state.objective, params, batch, rng, num_samples,
                            axis_name=axis_name)
 
 

@@ -13,7 +13,7 @@ import ml_collections
 
 from flowdiff_jax import configcheck, diffusion, measurements, methods, operators
 from flowdiff_jax.configcheck import ConfigError  # noqa: F401 (callers import it from here)
-from flowdiff_jax.methods.base import SCORE_MODELS
+from flowdiff_jax.methods.base import POSTERIOR_PARAMS, SCORE_MODELS
 from flowdiff_jax.models.flow import COUPLINGS
 from flowdiff_jax.models.unet import COMPUTE_DTYPES
 
@@ -168,6 +168,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     _positive(config, "operator.sigma_y")  # the flow's likelihood divides by σ_y²
     _choice(config, "amortized.time_sampling", diffusion.TIME_SAMPLINGS)
     _choice(config, "amortized.prior_gradient", diffusion.PRIOR_GRADIENTS)
+    if "posterior_params" in config.amortized:
+      _choice(config, "amortized.posterior_params", POSTERIOR_PARAMS)
     _positive(config, "amortized.beta_ent_init", strict=False)
     for field in ("beta_prior_warmup_steps", "beta_ent_anneal_steps"):
       _positive(config, f"amortized.{field}", strict=False, integer=True)

@@ -17,7 +17,10 @@ being `config.method` names (a variant gets its own key). Sources:
 * flowdiff: the Fashion-MNIST configs' default (since 2026-12-06): the
   Gaussian-EM warm start with entropy annealing and flow lr 1e-3,
   experiments/fmnist/warm_start/<task>_flowdiff_warm_entanneal_flr1e3/metrics.json
-  (run_warm.sh's SUFFIX=_entanneal_flr1e3 runs). flowdiff_beta_ent_constant:
+  (run_warm.sh's SUFFIX=_entanneal_flr1e3 runs). flowdiff_ema: the same run's
+  posterior drawn with the EMA of the flow params (evaluate
+  --posterior_params=ema), its posterior_ema.json / posterior_ema64.json.
+  flowdiff_beta_ent_constant:
   the warm start with constant β_ent = 1 and flow lr 5e-4 (the default from
   2026-12-02 to 12-06): warm_start/<task>_flowdiff_warm/metrics.json, the
   evaluation of run_warm.sh's plain runs copied from their workdirs (with
@@ -158,6 +161,28 @@ def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm",
   return row
 
 
+def _ema_row(task: str, flowdiff: dict) -> dict | None:
+  """The `flowdiff` run's posterior drawn with the EMA of its flow params
+  (evaluate --posterior_params=ema, 16 and 64 samples: posterior_ema.json,
+  posterior_ema64.json in its folder); its prior, FD and wall time are the run's."""
+  folder = os.path.join(HERE, "warm_start", f"{task}_flowdiff_warm_entanneal_flr1e3")
+  m = _read_json(os.path.join(folder, "posterior_ema.json"))
+  if m is None:
+    return None
+  post = m["posterior"]
+  row = dict(fd_fmnist=flowdiff["fd_fmnist"],
+             psnr_posterior_mean=post["posterior_mean/psnr"]["mean"],
+             wall_s=flowdiff["wall_s"], residual_ratio=post["residual_ratio"]["mean"],
+             coverage_1std=post["coverage_1std"]["mean"],
+             coverage_2std=post["coverage_2std"]["mean"], steps=m["run"]["step"],
+             source=os.path.relpath(os.path.join(folder, "posterior_ema.json"),
+                                    os.path.join(HERE, "..", "..")))
+  m64 = _read_json(os.path.join(folder, "posterior_ema64.json"))
+  if m64 is not None:
+    row["psnr_posterior_mean_64"] = m64["posterior"]["posterior_mean/psnr"]["mean"]
+  return row
+
+
 def _reference_row(task: str, method: str, suffix: str, folder: str) -> dict | None:
   """run.sh's clean / naive run named with `suffix` ("_6000": STEPS=6000, "_cosine":
   DECAY=1), copied to <folder>/<run>/."""
@@ -263,6 +288,9 @@ def build(root: str) -> dict:
       if "flowdiff" in rows:
         rows["flowdiff_beta_ent_constant"] = rows.pop("flowdiff")
       rows["flowdiff"] = rows.pop("flowdiff_entanneal_flr1e3")
+      ema = _ema_row(task, rows["flowdiff"])
+      if ema is not None:
+        rows["flowdiff_ema"] = ema
     for e_step in ("mmps", "dps"):
       row = _em_row(task, e_step)
       if row is not None:

@@ -266,6 +266,11 @@ def get_config() -> ml_collections.ConfigDict:
   am.gaussian_fit_examples = 10_000
   # Posterior samples per held-out observation for the posterior mean/std.
   am.eval_num_samples = 16
+  # The flow params that draw posterior samples outside training (evaluation,
+  # export, grids): "params" (the current ones) or "ema" (their EMA, decay
+  # optim.ema_decay; it averages out the step-to-step noise of the flow's
+  # updates, but lags a flow that is still improving).
+  am.posterior_params = "params"
 
   # --- Joint training (method "flowdiff") ---------------------------------------
   config.flowdiff = fd = ml_collections.ConfigDict()

@@ -102,7 +102,8 @@ class Amortized(base.Method):
 
   def eval_metrics(self, state, batch, rng, *, axis_name=None, num_posterior_samples=16,
                    nll_time_samples=1) -> base.Metrics:
-    return base.posterior_metrics(state.objective, state.params, batch,
+    params = base.posterior_params(state.objective, state.params, state.ema_params)
+    return base.posterior_metrics(state.objective, params, batch,
                                   jax.random.fold_in(rng, 1), num_samples=num_posterior_samples,
                                   axis_name=axis_name)
 

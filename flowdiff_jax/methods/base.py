@@ -75,6 +75,9 @@ class Objective:
       the diffusion prior throughout.
     shared_score_pass: "flowdiff" only: the flow's prior bound and the DSM
       loss share one score-network pass (`diffusion.nll_bound_and_dsm`).
+    posterior_params: which flow params draw the posterior samples of
+      evaluation, export and the grids: "params" (the current ones) or "ema"
+      (their EMA, decay ema_decay); training always uses the current ones.
   """
   method: str
   schedule: diffusion.VPSchedule
@@ -98,6 +101,7 @@ class Objective:
   gaussian_prior_steps: int = 0
   handover_steps: int = 0
   shared_score_pass: bool = False
+  posterior_params: str = "params"
 
   @property
   def gaussian_prior(self) -> bool:
@@ -330,7 +334,22 @@ def flow_objective(obj: Objective, config: ml_collections.ConfigDict, prior: str
       beta_ent_init=float(am.beta_ent_init), beta_ent_anneal_steps=int(am.beta_ent_anneal_steps),
       num_flow_samples=int(am.num_flow_samples), num_time_samples=int(am.num_time_samples),
       time_sampling=am.time_sampling, prior_gradient=am.prior_gradient,
-      residual=bool(config.flow.residual), flow_base=str(config.flow.get("base", "pinv")))
+      residual=bool(config.flow.residual), flow_base=str(config.flow.get("base", "pinv")),
+      posterior_params=str(am.get("posterior_params", "params")))
+
+
+POSTERIOR_PARAMS = ("params", "ema")
+
+
+def posterior_params(obj: Objective, params: dict[str, Any], ema_params: dict[str, Any]
+                     ) -> dict[str, Any]:
+  """The params the posterior is drawn with: `params`, its "flow" taken from
+  `ema_params` when obj.posterior_params is "ema" (the fitted Gaussian and
+  the score network stay as given: the flow's draws do not use them, or they
+  are fixed)."""
+  if obj.posterior_params == "ema":
+    return {**params, "flow": ema_params["flow"]}
+  return params
 
 
 # ----------------------------------------------------------------------------
