@@ -111,8 +111,9 @@ class FlowDiff(base.Method):
       metrics.update(base.prior_fit_metrics(
           obj, state.ema_params["score"], batch["x"], jax.random.fold_in(rng, 0),
           nll_time_samples=nll_time_samples, axis_name=axis_name))
+    params = base.posterior_params(obj, state.params, state.ema_params)
     metrics.update(base.posterior_metrics(
-        obj, base.posterior_params(obj, state.params, state.ema_params), batch, jax.random.fold_in(rng, 1),
+        obj, params, batch, jax.random.fold_in(rng, 1),
         num_samples=num_posterior_samples, axis_name=axis_name))
     return metrics
 
