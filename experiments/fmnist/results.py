@@ -127,6 +127,14 @@ def _wall_times(path: str) -> dict[str, int]:
   return out
 
 
+def _posterior_fields(post: dict) -> dict:
+  """The row fields of an evaluation's "posterior" section (None where absent)."""
+  get = lambda key: post[key]["mean"] if key in post else None
+  return dict(psnr_posterior_mean=get("posterior_mean/psnr"),
+              psnr_flow_base=get("flow_base/psnr"), residual_ratio=get("residual_ratio"),
+              coverage_1std=get("coverage_1std"), coverage_2std=get("coverage_2std"))
+
+
 def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm",
                     folder: str = "warm_start") -> dict | None:
   """run_warm.sh's run of `steps` training steps (named with the steps unless 2000);
@@ -137,15 +145,11 @@ def _warm_start_row(task: str, steps: int = 2000, name: str = "flowdiff_warm",
   m = _read_json(os.path.join(folder, f"{task}_{run}", "metrics.json"))
   if m is None:
     return None
-  post = m["posterior"]
-  get = lambda key: post[key]["mean"] if key in post else None
   row = dict(fd_fmnist=m["generation"]["rows"]["samples"]["fd_fmnist"],
-             psnr_posterior_mean=get("posterior_mean/psnr"),
-             psnr_flow_base=get("flow_base/psnr"),
+             **_posterior_fields(m["posterior"]),
              wall_s=_wall_times(os.path.join(folder, "wall_times.txt")).get(
                  f"{task} {run}"),
-             residual_ratio=get("residual_ratio"), coverage_1std=get("coverage_1std"),
-             coverage_2std=get("coverage_2std"), steps=m["run"]["step"],
+             steps=m["run"]["step"],
              source=os.path.relpath(os.path.join(folder, f"{task}_{run}", "metrics.json"),
                                     os.path.join(HERE, "..", "..")))
   # The posterior mean of 64 flow samples instead of 16 (evaluate --num_samples=0
@@ -169,12 +173,8 @@ def _ema_row(task: str, flowdiff: dict) -> dict | None:
   m = _read_json(os.path.join(folder, "posterior_ema.json"))
   if m is None:
     return None
-  post = m["posterior"]
-  row = dict(fd_fmnist=flowdiff["fd_fmnist"],
-             psnr_posterior_mean=post["posterior_mean/psnr"]["mean"],
-             wall_s=flowdiff["wall_s"], residual_ratio=post["residual_ratio"]["mean"],
-             coverage_1std=post["coverage_1std"]["mean"],
-             coverage_2std=post["coverage_2std"]["mean"], steps=m["run"]["step"],
+  row = dict(fd_fmnist=flowdiff["fd_fmnist"], **_posterior_fields(m["posterior"]),
+             wall_s=flowdiff["wall_s"], steps=m["run"]["step"],
              source=os.path.relpath(os.path.join(folder, "posterior_ema.json"),
                                     os.path.join(HERE, "..", "..")))
   m64 = _read_json(os.path.join(folder, "posterior_ema64.json"))
