@@ -18,7 +18,9 @@ Posterior recovery (methods "flowdiff", "amortized"): on the first
 --num_posterior_images held-out test images, corrupted as in training
 (fixed per-index corruption), the mean of --posterior_samples flow samples
 against the clean image: PSNR and SSIM, with the observation y and A⁺y as
-reference rows, and the mean per-pixel posterior std.
+reference rows, and the mean per-pixel posterior std. For denoising (A = I)
+also the diffusion prior's own E[x | y] (Tweedie's formula, one network pass:
+`sampling.tweedie_posterior_mean`), which the flow's mean should match.
 
 Generation (methods "flowdiff", "clean", "naive"): --num_samples samples of
 the EMA prior (8-bit quantized, as saved images would be) against the first
@@ -152,6 +154,24 @@ def _batches(config: ml_collections.ConfigDict, split: str, num: int, batch_size
 # --------------------------------------------------------------------------
 
 
+def _prior_tweedie(state: step_lib.TrainState, y: jax.Array) -> jax.Array | None:
+  """E[x | y] [B, H, W, C] under the run's diffusion prior, for denoising only; else None.
+
+  One pass of the prior's ε-network (EMA params; `sampling.tweedie_posterior_mean`):
+  the MMSE restoration the prior itself implies, beside the flow's posterior
+  mean. Where the two differ, the flow has not learned the prior's posterior.
+  """
+  obj = state.objective
+  if not isinstance(obj.operator, operators.Denoise):
+    return None
+  try:
+    score_params = methods.get(obj.method).diffusion_prior_params(state)
+  except ValueError:  # an "amortized" run with an analytic Gaussian prior
+    return None
+  return sampling.tweedie_posterior_mean(method_base.eps_fn(obj, score_params), obj.schedule,
+                                         y, obj.operator.sigma_y)
+
+
 def _posterior_fn(num_samples: int, num_shown: int):
   def fn(state, batch, rng):
     samples = step_lib.posterior_samples(state, batch, rng, num_samples)
@@ -163,6 +183,9 @@ def _posterior_fn(num_samples: int, num_shown: int):
     if state.objective.flow_base != "pinv":  # the flow's own base, e.g. a Gaussian's E[x | y]
       rows.append(("flow_base", method_base.flow_estimate(state.objective, state.params, y,
                                                           batch["omega"])))
+    tweedie = _prior_tweedie(state, y)
+    if tweedie is not None:
+      rows.append(("prior_tweedie", tweedie))
     for name, estimate in rows:
       per_example[f"{name}/psnr"] = evaluation.psnr(estimate, x)
       per_example[f"{name}/ssim"] = evaluation.ssim(estimate, x)
@@ -432,7 +455,8 @@ def to_markdown(results: dict[str, Any]) -> str:
               f"{post.get('flow_params', 'params')})", "",
               "| estimate | PSNR (dB) ↑ | SSIM ↑ |", "|---|---:|---:|"]
     for key, label in (("posterior_mean", "posterior mean"), ("observation", "observation y"),
-                       ("pinv", "A⁺y"), ("flow_base", "the flow's base x̂₀(y)")):
+                       ("pinv", "A⁺y"), ("flow_base", "the flow's base x̂₀(y)"),
+                       ("prior_tweedie", "the diffusion prior's E[x | y] (Tweedie, one pass)")):
       if key + "/psnr" not in post:
         continue
       lines.append(f"| {label} | {_pm(post[key + '/psnr'], 2)} | {_pm(post[key + '/ssim'], 4)} |")

@@ -122,7 +122,8 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
   Returns:
     {"rows": {name: {"psnr": {mean, sem}, "ssim": {...}, "wall_s", "settings"}},
      "per_image": {name: {"psnr": [N], "ssim": [N]}}, "images": {name: [N, H, W, C]}}
-    with rows "observation" (A⁺y), one per solver, and "flow_sample"/"flow_mean".
+    with rows "observation" (A⁺y), one per solver, "flow_sample"/"flow_mean", and for
+    denoising "tweedie" (the prior's exact E[x | y], one network pass).
   """
   n = images.shape[0]
   if n % batch_size:
@@ -136,6 +137,9 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
   keys_of = jax.jit(solvers_lib.example_keys, static_argnums=0)
   flow_fn = jax.jit(step_lib.posterior_samples, static_argnames="num_samples")
   metrics = jax.jit(lambda a, b: (evaluation.psnr(a, b), evaluation.ssim(a, b)))
+  # Denoising has an exact posterior mean under the prior: one pass (`sampling.tweedie_posterior_mean`).
+  tweedie_fn = jax.jit(lambda params, y: sampling.tweedie_posterior_mean(
+      lambda x_t, t: eps_apply(params, x_t, t), obj.schedule, y, op.sigma_y))
   out = {"images": {}, "per_image": {}, "wall_s": {}}
 
   def record(name, x, ref):
@@ -153,6 +157,11 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
     omega = measured
     record("observation", op.pinv(y, omega), x)
     record("clean", x, x)
+    if isinstance(op, operators.Denoise):
+      start = time.time()
+      mean = jax.block_until_ready(tweedie_fn(params, y))
+      out["wall_s"]["tweedie"] = out["wall_s"].get("tweedie", 0.0) + time.time() - start
+      record("tweedie", mean, x)
     keys = keys_of(seed, idx)
     for solver in solvers:
       bar = None if log is None else reporting.ProgressBar(

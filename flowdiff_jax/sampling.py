@@ -107,6 +107,32 @@ def heun_step(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, t: jax.Array,
   return alpha_s * (y + (rho_s - rho_t) * 0.5 * (d1 + d2))
 
 
+def tweedie_posterior_mean(eps_fn: EpsFn, schedule: VPSchedule, y: jax.Array,
+                           sigma_y: float) -> jax.Array:
+  """E_p[x | y] [B, H, W, C] for y = x + σ_y ε (denoising, A = I) under the diffusion prior p.
+
+  α_t y = α_t x + α_t σ_y ε is exactly a draw of x_t at the t where
+  σ_t / α_t = σ_y (λ(t) = −2 log σ_y), so one network pass gives Tweedie's
+  x̂₀(α_t y) = E_p[x | y]: the prior's own MMSE restoration, with no sampler
+  and no amortisation. It is exact for the ε̂ of p; with a learned ε̂ its
+  error is the network's error at that one noise level. Only for A = I: any
+  other operator's posterior mixes noise levels per frequency or pixel.
+
+  Raises ValueError when σ_y is outside the schedule's range
+  [σ_t/α_t at t_min, at t = 1], where the network was never trained.
+  """
+  lam = -2.0 * float(np.log(sigma_y))
+  with jax.ensure_compile_time_eval():  # a host check, also when traced under jit
+    lam_hi, lam_lo = (float(v) for v in schedule.log_snr(np.array([schedule.t_min, 1.0])))
+  if not lam_lo <= lam <= lam_hi:
+    raise ValueError(
+        f"sigma_y={sigma_y} is outside the schedule's noise levels "
+        f"[{np.exp(-lam_hi / 2):.4g}, {np.exp(-lam_lo / 2):.4g}] (sigma_t / alpha_t).")
+  t = schedule.t_from_log_snr(jnp.float32(lam))
+  alpha, _ = schedule.alpha_sigma(t)
+  return denoise(eps_fn, schedule, alpha * y.astype(jnp.float32), t)[0]
+
+
 # --------------------------------------------------------------------------
 # Posterior samples.
 # --------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdiff_jax import checkpoint, data, evaluate, operators, step as step_lib
+from flowdiff_jax import (checkpoint, data, evaluate, inverse, operators, runs, sampling, solvers,
+                          step as step_lib)
 from flowdiff_jax.configs import tiny
 from flowdiff_jax.models import classifier
 
@@ -81,6 +82,8 @@ def test_evaluate_flowdiff_run_end_to_end(tmp_path, mock_fashion_mnist):
   assert post["observation/psnr"]["mean"] == pytest.approx(20.0, abs=0.3)
   assert post["pinv/psnr"]["mean"] == pytest.approx(post["observation/psnr"]["mean"])
   assert np.isfinite(post["posterior_mean/psnr"]["mean"])
+  # Denoising: the prior's own Tweedie E[x | y] is a row (tests/test_inverse.py checks its value).
+  assert np.isfinite(post["prior_tweedie/psnr"]["mean"])
   assert -1 <= post["posterior_mean/ssim"]["mean"] <= 1 and post["posterior_std"]["mean"] > 0
   # Calibration numbers: coverages are fractions that grow with k; the residual ratio is positive.
   assert 0 <= post["coverage_1std"]["mean"] <= post["coverage_2std"]["mean"] <= 1
@@ -100,6 +103,7 @@ def test_evaluate_flowdiff_run_end_to_end(tmp_path, mock_fashion_mnist):
   header = next(line for line in md.splitlines() if line.startswith("| images |"))
   assert "FD-FMNIST" in header and "FID" not in header  # never called FID
   assert "| posterior mean |" in md and "**prior samples** (10)" in md
+  assert "| the diffusion prior's E[x | y] (Tweedie, one pass) |" in md
   assert "Calibration: the error is within 1 / 2 posterior stds" in md
 
 
@@ -164,3 +168,27 @@ def test_classifier_weights_errors(tmp_path):
   classifier.save_params(str(tmp_path / "bad.msgpack"), params)
   with pytest.raises(ValueError, match="does not hold FMNISTClassifier params"):
     classifier.load_params(str(tmp_path / "bad.msgpack"))
+
+
+@pytest.mark.slow
+def test_inverse_denoising_has_the_priors_tweedie_row(tmp_path, mock_fashion_mnist):
+  """inverse.evaluate_task's "tweedie" row is `sampling.tweedie_posterior_mean` of the run's
+  EMA prior on the same observations (no solver needed); other tasks have no such row."""
+  workdir = str(tmp_path / "run")
+  _save_run("flowdiff", workdir)
+  config, state = runs.load_run(workdir)
+  op = operators.Denoise(sigma_y=0.2)
+  raw = next(iter(data.train_dataset(config, data.make_source(config, "train"))))
+  images = np.asarray(raw["image"][:4], np.float32) / 127.5 - 1.0
+  index = np.arange(4)
+  result = inverse.evaluate_task(state, images, index, op, [], batch_size=4, flow=False, log=None)
+  assert set(result["rows"]) == {"observation", "tweedie"}
+  y = operators.corrupt(op, jnp.asarray(images), jnp.asarray(index), inverse.CORRUPTION_SEED)["y"]
+  eps = solvers.NetworkEps(state.objective)
+  params = inverse.prior_params(state)
+  want = sampling.tweedie_posterior_mean(lambda x_t, t: eps(params, x_t, t),
+                                         state.objective.schedule, y, 0.2)
+  np.testing.assert_allclose(result["images"]["tweedie"], want, atol=1e-5)
+  blur = operators.GaussianBlur(sigma_y=0.05, kernel_size=3, kernel_std=1.0)
+  assert "tweedie" not in inverse.evaluate_task(state, images, index, blur, [], batch_size=4,
+                                                flow=False, log=None)["rows"]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdiff_jax import diffusion, inverse, operators, oracle, solvers
+from flowdiff_jax import diffusion, inverse, operators, oracle, sampling, solvers
 
 _SIZE = 4
 _D = _SIZE * _SIZE
@@ -313,3 +313,27 @@ def test_inpainting_keeps_observed_pixels_within_the_noise_level(solver):
   # Tails: Gaussian errors of std σ_y have their 99th |percentile| at 2.6 σ_y
   # (measured: ΠGDM 2.4, DPS 2.8, whose rare outliers reach 7 σ_y).
   assert np.quantile(np.abs(diff), 0.99) < 3.5 * op.sigma_y
+
+
+@pytest.mark.parametrize("sigma_y", [0.05, 0.2, 1.0])
+def test_tweedie_posterior_mean_is_the_closed_form_denoising_mean(sigma_y):
+  """With the exact ε-network of a correlated Gaussian, one pass at the t where
+  σ_t/α_t = σ_y must give the closed-form E[x | y] of y = x + σ_y ε (float32
+  error only); the noisy observation itself must be far from it."""
+  op = operators.Denoise(sigma_y=sigma_y)
+  mu, cov = oracle.gaussian_problem(_SIZE)
+  y, omega = _observe(op, mu, cov, seed=3)
+  mean = np.asarray(jax.jit(lambda y: sampling.tweedie_posterior_mean(
+      _gaussian_eps(mu, cov), _SCHEDULE, y, sigma_y))(y), np.float64).reshape(8, _D)
+  exact = np.stack([_posterior(op, {}, y[i], mu, cov)[0] for i in range(8)])
+  scale = np.abs(exact - np.asarray(y, np.float64).reshape(8, _D)).max()
+  np.testing.assert_allclose(mean, exact, atol=2e-3 * scale, rtol=0)
+  assert scale > 0.02
+
+
+def test_tweedie_posterior_mean_refuses_noise_levels_outside_the_schedule():
+  eps = _gaussian_eps(*oracle.gaussian_problem(_SIZE))
+  y = jnp.zeros((1, _SIZE, _SIZE, 1))
+  for sigma_y in (1e-4, 1e3):
+    with pytest.raises(ValueError, match="outside the schedule"):
+      sampling.tweedie_posterior_mean(eps, _SCHEDULE, y, sigma_y)
