@@ -137,7 +137,8 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
   keys_of = jax.jit(solvers_lib.example_keys, static_argnums=0)
   flow_fn = jax.jit(step_lib.posterior_samples, static_argnames="num_samples")
   metrics = jax.jit(lambda a, b: (evaluation.psnr(a, b), evaluation.ssim(a, b)))
-  # Denoising has an exact posterior mean under the prior: one pass (`sampling.tweedie_posterior_mean`).
+  # Denoising has an exact posterior mean under the prior, one pass away
+  # (`sampling.tweedie_posterior_mean`).
   tweedie_fn = jax.jit(lambda params, y: sampling.tweedie_posterior_mean(
       lambda x_t, t: eps_apply(params, x_t, t), obj.schedule, y, op.sigma_y))
   out = {"images": {}, "per_image": {}, "wall_s": {}}

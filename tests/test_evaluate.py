@@ -12,8 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdiff_jax import (checkpoint, data, evaluate, inverse, operators, runs, sampling, solvers,
-                          step as step_lib)
+from flowdiff_jax import (
+  checkpoint,
+  data,
+  evaluate,
+  inverse,
+  operators,
+  runs,
+  sampling,
+  solvers,
+  step as step_lib,
+)
 from flowdiff_jax.configs import tiny
 from flowdiff_jax.models import classifier
 
