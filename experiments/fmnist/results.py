@@ -211,8 +211,8 @@ def _tweedie_row(task: str, method: str, rows: dict) -> dict | None:
   if m is None or "tweedie" not in m["rows"]:
     return None
   base = rows.get(method, {})
-  return dict(fd_fmnist=base.get("fd_fmnist"), psnr_posterior_mean=m["rows"]["tweedie"]["psnr"]["mean"],
-              wall_s=base.get("wall_s"), steps=m["checkpoint_step"],
+  return dict(fd_fmnist=base.get("fd_fmnist"),
+              psnr_posterior_mean=m["rows"]["tweedie"]["psnr"]["mean"], wall_s=base.get("wall_s"), steps=m["checkpoint_step"],
               source=f"experiments/fmnist/tweedie/{run}.json")
 
 
