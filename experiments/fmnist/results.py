@@ -212,7 +212,8 @@ def _tweedie_row(task: str, method: str, rows: dict) -> dict | None:
     return None
   base = rows.get(method, {})
   return dict(fd_fmnist=base.get("fd_fmnist"),
-              psnr_posterior_mean=m["rows"]["tweedie"]["psnr"]["mean"], wall_s=base.get("wall_s"), steps=m["checkpoint_step"],
+              psnr_posterior_mean=m["rows"]["tweedie"]["psnr"]["mean"],
+              wall_s=base.get("wall_s"), steps=m["checkpoint_step"],
               source=f"experiments/fmnist/tweedie/{run}.json")
 
 
