@@ -107,6 +107,13 @@ def heun_step(eps_fn: EpsFn, schedule: VPSchedule, x: jax.Array, t: jax.Array,
   return alpha_s * (y + (rho_s - rho_t) * 0.5 * (d1 + d2))
 
 
+def tweedie_noise_range(schedule: VPSchedule) -> tuple[float, float]:
+  """(lo, hi): the σ_y of `tweedie_posterior_mean`'s range, σ_t/α_t at t_min and at t = 1."""
+  with jax.ensure_compile_time_eval():  # host numbers, also when called under jit
+    lam_hi, lam_lo = (float(v) for v in schedule.log_snr(np.array([schedule.t_min, 1.0])))
+  return float(np.exp(-lam_hi / 2)), float(np.exp(-lam_lo / 2))
+
+
 def tweedie_posterior_mean(eps_fn: EpsFn, schedule: VPSchedule, y: jax.Array,
                            sigma_y: float) -> jax.Array:
   """E_p[x | y] [B, H, W, C] for y = x + σ_y ε (denoising, A = I) under the diffusion prior p.
@@ -121,13 +128,11 @@ def tweedie_posterior_mean(eps_fn: EpsFn, schedule: VPSchedule, y: jax.Array,
   Raises ValueError when σ_y is outside the schedule's range
   [σ_t/α_t at t_min, at t = 1], where the network was never trained.
   """
+  lo, hi = tweedie_noise_range(schedule)
+  if not lo <= sigma_y <= hi:
+    raise ValueError(f"sigma_y={sigma_y} is outside the schedule's noise levels "
+                     f"[{lo:.4g}, {hi:.4g}] (sigma_t / alpha_t).")
   lam = -2.0 * float(np.log(sigma_y))
-  with jax.ensure_compile_time_eval():  # a host check, also when traced under jit
-    lam_hi, lam_lo = (float(v) for v in schedule.log_snr(np.array([schedule.t_min, 1.0])))
-  if not lam_lo <= lam <= lam_hi:
-    raise ValueError(
-        f"sigma_y={sigma_y} is outside the schedule's noise levels "
-        f"[{np.exp(-lam_hi / 2):.4g}, {np.exp(-lam_lo / 2):.4g}] (sigma_t / alpha_t).")
   t = schedule.t_from_log_snr(jnp.float32(lam))
   alpha, _ = schedule.alpha_sigma(t)
   return denoise(eps_fn, schedule, alpha * y.astype(jnp.float32), t)[0]

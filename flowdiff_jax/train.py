@@ -542,6 +542,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _
                      "PSNR (the observation y: %.2f dB, A⁺y: %.2f dB).", step,
                      scalars["eval/psnr_posterior_mean"], scalars["eval/psnr_observation"],
                      scalars["eval/psnr_pinv"])
+        if "eval/psnr_prior_tweedie" in scalars:
+          logging.info("Step %d: the diffusion prior's own E[x | y] (Tweedie, one pass) "
+                       "restores them to %.2f dB.", step, scalars["eval/psnr_prior_tweedie"])
     if tr.sample_every_steps and (step % tr.sample_every_steps == 0 or last):
       with report.timed("sample"):
         for folder, (grid_fn, rows) in grid_fns.items():

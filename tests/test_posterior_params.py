@@ -4,7 +4,8 @@
 EMA. Checked here: "ema" gives exactly the samples of a state whose flow
 params *are* the EMA, differs from "params" once the two have moved apart,
 reaches the held-out metrics of eval_step (not only posterior_samples), never
-changes what a training step does, and a bad value names the field.
+changes what a training step does, and a bad value names the field. Also here
+(same fixture): the held-out metrics score the prior's own Tweedie E[x | y] on denoising.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowdiff_jax import operators, step as step_lib
+from flowdiff_jax import evaluation, operators, sampling, step as step_lib
 from flowdiff_jax.configs import tiny
 from flowdiff_jax.validate import ConfigError, validate_config
 
@@ -94,3 +95,15 @@ def test_training_ignores_the_choice(trained):
 def test_a_bad_choice_names_the_field():
   with pytest.raises(ConfigError, match="amortized.posterior_params.*allowed: params, ema"):
     validate_config(_config("latest"))
+
+
+@pytest.mark.slow  # compiles the tiny flowdiff step
+def test_eval_step_reports_the_priors_tweedie_mean_for_denoising(trained):
+  """Beside the flow's mean, eval_step scores the EMA prior's own E[x | y] (denoising)."""
+  state, batch = trained
+  metrics = step_lib.eval_step(state, batch, jax.random.key(8))
+  eps = lambda x_t, t: state.objective.score_net.apply(
+      {"params": state.ema_params["score"]}, x_t, t, train=False)
+  mean = sampling.tweedie_posterior_mean(eps, state.objective.schedule, batch["y"], 0.1)
+  np.testing.assert_allclose(metrics["eval/psnr_prior_tweedie"],
+                             jnp.mean(evaluation.psnr(mean, batch["x"])), rtol=1e-5)

@@ -526,16 +526,29 @@ def posterior_metrics(obj: Objective, params: dict[str, Any], batch: Batch, rng:
 
 
 def prior_fit_metrics(obj: Objective, score_params: Any, x: jax.Array, rng: jax.Array, *,
-                      nll_time_samples: int, axis_name: str | None = None) -> Metrics:
-  """How well the score network fits clean images x [B, H, W, C]: DSM loss and NLL bound."""
+                      nll_time_samples: int, axis_name: str | None = None,
+                      y: jax.Array | None = None) -> Metrics:
+  """How well the score network fits clean images x [B, H, W, C]: DSM loss and NLL bound.
+
+  With the observations y [B, H, W, C] of a denoising operator (σ_y within the
+  schedule's noise levels), also
+  eval/psnr_prior_tweedie: the PSNR of the prior's exact E[x | y] (one pass,
+  `sampling.tweedie_posterior_mean`), the restoration the prior itself implies.
+  """
   dsm_rng, nll_rng = jax.random.split(rng)
   eps = eps_fn(obj, score_params)
   dsm = diffusion.dsm_loss(eps, obj.schedule, x, dsm_rng, axis_name=axis_name)
   nll = diffusion.nll_bound(eps, obj.schedule, x, nll_rng, num_time_samples=nll_time_samples,
                             axis_name=axis_name)
-  return {"eval/dsm_loss_clean": global_mean(dsm, axis_name),
-          "eval/nll_bpd_clean": global_mean(
-              losses.bits_per_dim(nll / math.prod(x.shape[1:])), axis_name)}
+  metrics = {"eval/dsm_loss_clean": global_mean(dsm, axis_name),
+             "eval/nll_bpd_clean": global_mean(
+                 losses.bits_per_dim(nll / math.prod(x.shape[1:])), axis_name)}
+  lo, hi = sampling.tweedie_noise_range(obj.schedule)
+  if (y is not None and isinstance(obj.operator, operators.Denoise)
+      and lo <= obj.operator.sigma_y <= hi):
+    mean = sampling.tweedie_posterior_mean(eps, obj.schedule, y, obj.operator.sigma_y)
+    metrics["eval/psnr_prior_tweedie"] = global_mean(evaluation.psnr(mean, x), axis_name)
+  return metrics
 
 
 def flow_step_metrics(terms: Metrics) -> Metrics:

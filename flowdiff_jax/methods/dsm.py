@@ -50,7 +50,7 @@ class DenoisingScoreMatching(base.Method):
       return {}
     return base.prior_fit_metrics(state.objective, state.ema_params["score"], batch["x"],
                                   jax.random.fold_in(rng, 0), nll_time_samples=nll_time_samples,
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, y=batch.get("y"))
 
   def diffusion_prior_params(self, state) -> Any:
     return state.ema_params["score"]

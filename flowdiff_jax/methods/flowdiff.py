@@ -110,7 +110,7 @@ class FlowDiff(base.Method):
     if "x" in batch:
       metrics.update(base.prior_fit_metrics(
           obj, state.ema_params["score"], batch["x"], jax.random.fold_in(rng, 0),
-          nll_time_samples=nll_time_samples, axis_name=axis_name))
+          nll_time_samples=nll_time_samples, axis_name=axis_name, y=batch.get("y")))
     params = base.posterior_params(obj, state.params, state.ema_params)
     metrics.update(base.posterior_metrics(
         obj, params, batch, jax.random.fold_in(rng, 1),
