@@ -328,7 +328,7 @@ def build(root: str) -> dict:
     # The 5x-longer pair (issue 17 item 6): the default flowdiff and naive at 10000 steps.
     if "flowdiff_entanneal_flr1e3_10000" in rows:
       rows["flowdiff_10000"] = rows.pop("flowdiff_entanneal_flr1e3_10000")
-    for method in ("clean", "naive", "flowdiff"):
+    for method in ("clean", "naive", "flowdiff") if task == "denoise" else ():
       row = _tweedie_row(task, method, rows)
       if row is not None:
         rows[f"{method}_tweedie"] = row
