@@ -162,8 +162,7 @@ def _prior_tweedie(state: step_lib.TrainState, y: jax.Array) -> jax.Array | None
   mean. Where the two differ, the flow has not learned the prior's posterior.
   """
   obj = state.objective
-  lo, hi = sampling.tweedie_noise_range(obj.schedule)
-  if not (isinstance(obj.operator, operators.Denoise) and lo <= obj.operator.sigma_y <= hi):
+  if not method_base.tweedie_applies(obj.operator, obj.schedule):
     return None
   try:
     score_params = methods.get(obj.method).diffusion_prior_params(state)

@@ -48,6 +48,7 @@ from flowdiff_jax import (
   solvers as solvers_lib,
   step as step_lib,
 )
+from flowdiff_jax.methods import base as method_base
 
 # --------------------------------------------------------------------------
 # Tasks: the corruptions of the Fashion-MNIST / CIFAR / CelebA protocols.
@@ -139,7 +140,6 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
   metrics = jax.jit(lambda a, b: (evaluation.psnr(a, b), evaluation.ssim(a, b)))
   # Denoising has an exact posterior mean under the prior, one pass away
   # (`sampling.tweedie_posterior_mean`).
-  lo, hi = sampling.tweedie_noise_range(obj.schedule)
   tweedie_fn = jax.jit(lambda params, y: sampling.tweedie_posterior_mean(
       lambda x_t, t: eps_apply(params, x_t, t), obj.schedule, y, op.sigma_y))
   out = {"images": {}, "per_image": {}, "wall_s": {}}
@@ -159,7 +159,7 @@ def evaluate_task(state, images: np.ndarray, index: np.ndarray, op: operators.Op
     omega = measured
     record("observation", op.pinv(y, omega), x)
     record("clean", x, x)
-    if isinstance(op, operators.Denoise) and lo <= op.sigma_y <= hi:
+    if method_base.tweedie_applies(op, obj.schedule):
       start = time.time()
       mean = jax.block_until_ready(tweedie_fn(params, y))
       out["wall_s"]["tweedie"] = out["wall_s"].get("tweedie", 0.0) + time.time() - start

@@ -525,6 +525,12 @@ def posterior_metrics(obj: Objective, params: dict[str, Any], batch: Batch, rng:
   return metrics
 
 
+def tweedie_applies(op: operators.Operator, schedule: diffusion.VPSchedule) -> bool:
+  """Whether `sampling.tweedie_posterior_mean` serves op: denoising, σ_y within the schedule."""
+  lo, hi = sampling.tweedie_noise_range(schedule)
+  return isinstance(op, operators.Denoise) and lo <= op.sigma_y <= hi
+
+
 def prior_fit_metrics(obj: Objective, score_params: Any, x: jax.Array, rng: jax.Array, *,
                       nll_time_samples: int, axis_name: str | None = None,
                       y: jax.Array | None = None) -> Metrics:
@@ -543,9 +549,7 @@ def prior_fit_metrics(obj: Objective, score_params: Any, x: jax.Array, rng: jax.
   metrics = {"eval/dsm_loss_clean": global_mean(dsm, axis_name),
              "eval/nll_bpd_clean": global_mean(
                  losses.bits_per_dim(nll / math.prod(x.shape[1:])), axis_name)}
-  lo, hi = sampling.tweedie_noise_range(obj.schedule)
-  if (y is not None and isinstance(obj.operator, operators.Denoise)
-      and lo <= obj.operator.sigma_y <= hi):
+  if y is not None and tweedie_applies(obj.operator, obj.schedule):
     mean = sampling.tweedie_posterior_mean(eps, obj.schedule, y, obj.operator.sigma_y)
     metrics["eval/psnr_prior_tweedie"] = global_mean(evaluation.psnr(mean, x), axis_name)
   return metrics
